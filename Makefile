@@ -1,0 +1,41 @@
+# Set-up, tests, demo and benchmarks. Every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Pinned so pip takes the wheels on this machine's disk; override for other platforms,
+# e.g. make setup TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+DATA ?= data/fashiondet
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup fashion-mnist test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test,lvis]'
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist when we may install it; otherwise
+# predet looks in $$PREDET_FASHION_MNIST or downloads it, and says how to get it if it can't.
+fashion-mnist:
+	@if [ ! -d $(FASHION_MNIST) ] && [ -z "$$PREDET_FASHION_MNIST" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+test: setup fashion-mnist
+	$(BIN)/python -m pytest -q
+
+$(DATA)/fashiondet.json: | setup fashion-mnist
+	$(BIN)/predet data fashiondet --out $(DATA) --size small
+
+demo: setup fashion-mnist $(DATA)/fashiondet.json
+	$(BIN)/predet pretrain --config configs/pretrain/fashiondet_r18_cpu.yaml
+
+bench: setup
+	$(BIN)/python benchmarks/pretrain_speed.py --quick | tee benchmarks/results/pretrain_speed_quick.json
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

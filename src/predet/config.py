@@ -1,0 +1,199 @@
+"""Typed configs from YAML files plus dotted ``key=value`` overrides.
+
+Configs are nested dataclasses so a typo is caught before a run starts: an unknown key is an
+error listing the valid ones. The same ``key=value`` grammar is used on the command line and
+(later) by sweeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class SolverConfig:
+    """Optimisation settings shared by pre-training and fine-tuning."""
+
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    max_iters: int = 1000
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    schedule: str = "step"  # "step" (lr x gamma at each milestone) or "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    clip_grad_norm: float = 0.0  # 0 disables clipping
+    amp: str = "none"  # "none", "bf16" or "fp16"; only used on CUDA
+
+
+@dataclass
+class TrainConfig:
+    """Run-level settings of the shared training loop."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    batch_size: int = 4  # images per process per iteration
+    num_workers: int = 0
+    checkpoint_period: int = 500
+    log_period: int = 20
+    eval_period: int = 0  # 0 disables periodic evaluation
+    resume: bool = False
+    sync_bn: bool = False
+    find_unused_parameters: bool = False
+    progress: bool = True
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a config dataclass, for error messages and docs."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_tp, key) for v in value]
+    if origin is dict or tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is str:
+        return value if isinstance(value, str) else str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", root: type | None = None):
+    """Build a config dataclass from a nested dict; unknown keys are errors."""
+    root = root or cls
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'. Valid keys: " + ", ".join(valid_keys(root))
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            kwargs[f.name] = from_dict(tp, data[f.name], f"{prefix}{f.name}.", root)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=1`` -> (["a", "b"], 1); the value is parsed as YAML (``[1,2]``, ``true``, ``0.1``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()):
+    """YAML file (optional) + overrides -> validated config dataclass of type ``cls``."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{exc}") from None

@@ -1,0 +1,1 @@
+"""Datasets: the FashionDet benchmark builder and the Fashion-MNIST loader."""

@@ -1,0 +1,718 @@
+"""Weak-label pre-training data: images with noisy image-level tags, no boxes.
+
+Two sources produce the same per-sample dicts:
+
+* a folder of images plus a ``labels.jsonl`` file (small sets, easy to inspect), read by
+  :class:`WeakLabelFolder`;
+* WebDataset tar shards (scale), read by :func:`weak_webdataset`, split by DDP rank and
+  DataLoader worker.
+
+A sample is ``{"path": str, "labels": float multi-hot [C], **transform(image, sample_seed)}``
+(``"image"``: uint8 CHW tensor when there is no transform). Images that cannot be decoded
+do not raise and are not silently dropped: they come back as
+``{"skipped": True, "path": ..., "reason": ...}`` so :func:`collate_weak` can carry them
+inside the batch and :class:`SkipCounter` can count them across worker processes.
+
+Augmentation randomness comes from an explicit per-sample seed, never from global RNG
+state, so a run is reproducible and a resumed run (see :class:`DeterministicBatchSampler`)
+sees exactly the samples and augmentations it would have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, Sampler
+from torchvision.transforms.functional import pil_to_tensor
+from webdataset.shardlists import expand_urls
+from webdataset.utils import pytorch_worker_info
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DeterministicBatchSampler",
+    "LabelFileError",
+    "SkipCounter",
+    "Vocabulary",
+    "WeakLabelFolder",
+    "WeakRecord",
+    "WeakShardDataset",
+    "build_weak_dataset",
+    "collate_weak",
+    "derive_seed",
+    "expand_shards",
+    "read_labels_jsonl",
+    "weak_webdataset",
+    "write_webdataset_shards",
+]
+
+# Sample-key extensions recognised as the image of a shard sample, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif", "img")
+
+Transform = Callable[[Image.Image, int], dict]
+
+
+class LabelFileError(ValueError):
+    """A labels file (or shard sample) whose content does not fit the expected format."""
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed that depends only on ``parts``.
+
+    Hashing (rather than adding offsets to a base seed) keeps seeds of neighbouring
+    iterations, ranks and workers unrelated, and is stable across processes and Python
+    runs (unlike ``hash()``).
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# --------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------
+
+
+class Vocabulary:
+    """Ordered class names; the index of a name is its column in the multi-hot target.
+
+    Stored in checkpoints as a plain ``list[str]`` (:meth:`to_list`) so they load with
+    ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, names: Iterable[str]):
+        names = list(names)
+        if not names:
+            raise ValueError("a vocabulary needs at least one class name")
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"class names must be non-empty strings, got {name!r}")
+        self._index = {}
+        for i, name in enumerate(names):
+            if name in self._index:
+                raise ValueError(f"duplicate class name {name!r} in vocabulary")
+            self._index[name] = i
+        self._names = tuple(names)
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> "Vocabulary":
+        return cls(names)
+
+    @classmethod
+    def build(cls, records: Iterable[Any]) -> "Vocabulary":
+        """Sorted unique names over all records (``WeakRecord`` or plain lists of names)."""
+        names = set()
+        for record in records:
+            names.update(record.labels if hasattr(record, "labels") else record)
+        if not names:
+            raise ValueError("cannot build a vocabulary: no record has any label")
+        return cls(sorted(names))
+
+    @classmethod
+    def from_list(cls, names: Sequence[str]) -> "Vocabulary":
+        return cls(names)
+
+    def to_list(self) -> list[str]:
+        return list(self._names)
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> "Vocabulary":
+        """Read a ``vocab.json`` (a JSON list of names)."""
+        try:
+            names = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise LabelFileError(f"{path}: invalid JSON: {exc}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise LabelFileError(f"{path}: expected a JSON list of class names")
+        try:
+            return cls(names)
+        except ValueError as exc:
+            raise LabelFileError(f"{path}: {exc}") from None
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_list(), indent=0) + "\n")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+    def index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"unknown label {name!r} (vocabulary has {len(self)} classes)") from None
+
+    def encode(self, names: Iterable[str]) -> torch.Tensor:
+        """Multi-hot float vector [C]; repeated names count once."""
+        target = torch.zeros(len(self))
+        for name in names:
+            target[self.index(name)] = 1.0
+        return target
+
+    def encode_indices(self, indices: Iterable[int]) -> torch.Tensor:
+        target = torch.zeros(len(self))
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"class index {i} out of range for {len(self)} classes")
+            target[i] = 1.0
+        return target
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self._names == other._names
+
+    def __repr__(self) -> str:
+        head = ", ".join(self._names[:5]) + (", ..." if len(self) > 5 else "")
+        return f"Vocabulary({len(self)} classes: {head})"
+
+
+# --------------------------------------------------------------------------------------
+# labels.jsonl
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeakRecord:
+    """One line of a labels file: absolute image path, tag names, 1-based line number."""
+
+    image: str
+    labels: list[str]
+    line: int
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value) if _is_json_value(value) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_json_value(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _error(path: str | Path, line: int, message: str, field: str | None = None) -> LabelFileError:
+    where = f'{path}:{line}: field "{field}": ' if field else f"{path}:{line}: "
+    return LabelFileError(where + message)
+
+
+def _parse_line(text: str, path: Path, line: int, root: Path) -> WeakRecord:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _error(path, line, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise _error(path, line, f"expected a JSON object, got {_show(obj)}")
+    if "image" not in obj:
+        raise _error(path, line, "missing", field="image")
+    image = obj["image"]
+    if not isinstance(image, str) or not image.strip():
+        raise _error(path, line, f"expected a non-empty path string, got {_show(image)}", "image")
+    if "labels" not in obj:
+        raise _error(path, line, "missing", field="labels")
+    labels = obj["labels"]
+    if not isinstance(labels, list) or not all(isinstance(n, str) and n for n in labels):
+        raise _error(path, line, f"expected a list of strings, got {_show(labels)}", "labels")
+    return WeakRecord(image=os.path.abspath(root / image), labels=list(labels), line=line)
+
+
+def read_labels_jsonl(path: str | Path, image_root: str | Path | None = None) -> list[WeakRecord]:
+    """Parse a labels file; relative image paths resolve against ``image_root`` or its folder.
+
+    Blank lines are allowed. Any malformed line stops with a :class:`LabelFileError` naming
+    the file, line and field: a bad line found before training is cheap, one found at
+    hour ten is not.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: {path}")
+    root = Path(image_root) if image_root is not None else path.parent
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if text.strip():
+                records.append(_parse_line(text, path, line, root))
+    if not records:
+        raise LabelFileError(f"{path}: no records")
+    return records
+
+
+def _check_labels(records: Iterable[WeakRecord], vocab: Vocabulary, path: str | Path) -> None:
+    """Fail on the first label name that a fixed vocabulary does not know."""
+    for record in records:
+        for name in record.labels:
+            if name not in vocab:
+                raise _error(
+                    path,
+                    record.line,
+                    f"unknown label {name!r} (not in the given vocabulary of {len(vocab)} classes)",
+                    field="labels",
+                )
+
+
+# --------------------------------------------------------------------------------------
+# Image decoding and samples
+# --------------------------------------------------------------------------------------
+
+
+def _open_rgb(source: str | io.BytesIO) -> Image.Image:
+    """Fully decode now (``load()``), so truncated data fails here and not in a transform."""
+    with Image.open(source) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _try_open(source: str | io.BytesIO) -> tuple[Image.Image | None, str]:
+    try:
+        return _open_rgb(source), ""
+    except Exception as exc:  # PIL raises many types for bad data; all mean "unusable"
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _skipped(path: str, reason: str) -> dict:
+    return {"skipped": True, "path": path, "reason": reason}
+
+
+def _make_sample(path: str, labels: torch.Tensor, image: Image.Image, transform, seed: int) -> dict:
+    if transform is None:
+        return {"path": path, "labels": labels, "image": pil_to_tensor(image)}
+    out = transform(image, seed)
+    if not isinstance(out, dict):
+        raise TypeError(f"weak-data transform must return a dict, got {type(out).__name__}")
+    return {"path": path, "labels": labels, **out}
+
+
+class WeakLabelFolder(Dataset):
+    """Images listed in a ``labels.jsonl`` file with their noisy tags.
+
+    ``dataset[i]`` or ``dataset[(i, sample_seed)]`` (the form
+    :class:`DeterministicBatchSampler` yields). With a plain int the seed is ``i``.
+    """
+
+    def __init__(
+        self,
+        labels_file: str | Path,
+        vocab: Vocabulary | None = None,
+        transform: Transform | None = None,
+        image_root: str | Path | None = None,
+    ):
+        self.labels_file = str(labels_file)
+        self.records = read_labels_jsonl(labels_file, image_root)
+        if vocab is None:
+            vocab = Vocabulary.build(self.records)
+        else:
+            _check_labels(self.records, vocab, labels_file)
+        self.vocab = vocab
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        if isinstance(key, (tuple, list)):
+            index, seed = int(key[0]), int(key[1])
+        else:
+            index = seed = int(key)
+        record = self.records[index]
+        image, reason = _try_open(record.image)
+        if image is None:
+            return _skipped(record.image, reason)
+        labels = self.vocab.encode(record.labels)
+        return _make_sample(record.image, labels, image, self.transform, seed)
+
+
+# --------------------------------------------------------------------------------------
+# WebDataset shards
+# --------------------------------------------------------------------------------------
+
+
+def _json_labels(data: bytes, vocab: Vocabulary, where: str) -> tuple[torch.Tensor, str | None]:
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LabelFileError(f'{where}: field "json": invalid JSON ({exc})') from None
+    names = meta.get("labels") if isinstance(meta, dict) else meta
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        got = _show(names)
+        raise LabelFileError(f'{where}: field "labels": expected a list of strings, got {got}')
+    for name in names:
+        if name not in vocab:
+            raise LabelFileError(
+                f'{where}: field "labels": unknown label {name!r} '
+                f"(not in the vocabulary of {len(vocab)} classes)"
+            )
+    path = meta.get("path") if isinstance(meta, dict) else None
+    return vocab.encode(names), path if isinstance(path, str) else None
+
+
+def _cls_labels(data: bytes, vocab: Vocabulary, where: str) -> torch.Tensor:
+    text = data.decode("utf-8", "replace").strip()
+    try:
+        return vocab.encode_indices(int(part) for part in text.split(",") if part.strip())
+    except (ValueError, IndexError) as exc:
+        raise LabelFileError(f'{where}: field "cls": {exc} (value {text!r})') from None
+
+
+def _shard_labels(raw: dict, vocab: Vocabulary, where: str) -> tuple[torch.Tensor, str | None]:
+    """Labels (and stored source path, if any) from ``json`` names or ``cls`` indices.
+
+    Bad labels raise rather than skip: they are a data-preparation bug, not a bad image.
+    """
+    if "json" in raw:
+        return _json_labels(raw["json"], vocab, where)
+    if "cls" in raw:
+        return _cls_labels(raw["cls"], vocab, where), None
+    fields = sorted(k for k in raw if not k.startswith("__"))
+    raise LabelFileError(f'{where}: no labels: expected a "json" or "cls" entry, found {fields}')
+
+
+def _decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int) -> dict:
+    url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+    where = f"{url}: sample {key}"
+    labels, source_path = _shard_labels(raw, vocab, where)
+    path = source_path or f"{url}#{key}"
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        fields = sorted(k for k in raw if not k.startswith("__"))
+        return _skipped(path, f"no image entry in shard sample {where} (found {fields})")
+    image, reason = _try_open(io.BytesIO(raw[ext]))
+    if image is None:
+        return _skipped(path, f"{reason} ({where})")
+    return _make_sample(path, labels, image, transform, seed)
+
+
+class WeakShardDataset(IterableDataset):
+    """Stream of weak samples from WebDataset shards.
+
+    Shards are shuffled per pass with a seed shared by all ranks, then split by DDP rank
+    (``RANK``/``WORLD_SIZE`` or ``torch.distributed``) and DataLoader worker using
+    webdataset's splitters; samples go through a seeded shuffle buffer. Each sample's seed
+    is ``derive_seed(seed, rank, worker, n)`` with ``n`` the running sample index of that
+    stream, so a fixed setup reproduces its augmentations. ``repeat=True`` loops forever
+    (fresh shard order each pass), for iteration-based training.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        vocab: Vocabulary,
+        transform: Transform | None = None,
+        seed: int = 0,
+        shuffle: int = 1000,
+        repeat: bool = False,
+    ):
+        if not urls:
+            raise ValueError("no shards given")
+        self.urls = list(urls)
+        self.vocab = vocab
+        self.transform = transform
+        self.seed = seed
+        self.shuffle = shuffle
+        self.repeat = repeat
+
+    def _raw_samples(self, epoch: int, rank: int, worker: int) -> Iterator[dict]:
+        urls = list(self.urls)
+        random.Random(derive_seed("shards", self.seed, epoch)).shuffle(urls)
+        shards = [{"url": u} for u in wds.split_by_worker(wds.split_by_node(urls))]
+        samples = wds.tarfile_samples(iter(shards), handler=wds.reraise_exception)
+        if self.shuffle > 1:
+            rng = random.Random(derive_seed("samples", self.seed, epoch, rank, worker))
+            samples = wds.shuffle(self.shuffle, rng=rng)(samples)
+        return samples
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world_size, worker, _ = pytorch_worker_info()
+        if len(self.urls) < world_size:
+            raise ValueError(
+                f"{len(self.urls)} shard(s) cannot be split over {world_size} ranks: "
+                "write at least one shard per rank (smaller shard_size)"
+            )
+        n = 0
+        for epoch in itertools.count():
+            start = n
+            for raw in self._raw_samples(epoch, rank, worker):
+                seed = derive_seed("sample", self.seed, rank, worker, n)
+                yield _decode_shard_sample(raw, self.vocab, self.transform, seed)
+                n += 1
+            if not self.repeat or n == start:  # n == start: this worker has no data at all
+                return
+
+
+def weak_webdataset(
+    urls: str | Sequence[str],
+    vocab: Vocabulary,
+    transform: Transform | None = None,
+    seed: int = 0,
+    shuffle: int = 1000,
+    *,
+    repeat: bool = False,
+) -> WeakShardDataset:
+    """Weak samples from shards (a list, a brace pattern, a glob or a directory)."""
+    return WeakShardDataset(expand_shards(urls), vocab, transform, seed, shuffle, repeat)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def expand_shards(source: str | Path | Sequence[str | Path]) -> list[str]:
+    """Shard URLs from a list, a ``{000..009}`` brace pattern, a glob or a directory."""
+    if isinstance(source, (list, tuple)):
+        return [url for item in source for url in expand_shards(item)]
+    source = str(source)
+    if _is_local(source) and os.path.isdir(source):
+        urls = sorted(glob.glob(os.path.join(source, "*.tar")))
+        if not urls:
+            raise FileNotFoundError(f"no .tar shards in directory {source}")
+        return urls
+    if "{" in source or "::" in source:
+        return list(expand_urls(source))
+    if _is_local(source) and any(c in source for c in "*?["):
+        urls = sorted(glob.glob(source))
+        if not urls:
+            raise FileNotFoundError(f"no shards match {source}")
+        return urls
+    return [source]
+
+
+def _check_shards_exist(urls: Sequence[str]) -> None:
+    missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3])
+        raise FileNotFoundError(f"{len(missing)} shard(s) not found: {shown}{more}")
+
+
+def _shard_vocab(urls: Sequence[str], vocab: Vocabulary | None) -> Vocabulary:
+    if vocab is not None:
+        return vocab
+    first = urls[0]
+    candidate = os.path.join(os.path.dirname(first), "vocab.json") if _is_local(first) else None
+    if candidate and os.path.isfile(candidate):
+        return Vocabulary.load_json(candidate)
+    raise ValueError(
+        f"shards {first!r}...: no vocabulary. Shards carry label names, so the class list must "
+        "be fixed up front: put a vocab.json (JSON list of names) next to the shards "
+        "(write_webdataset_shards does) or pass vocab="
+    )
+
+
+def build_weak_dataset(
+    source: str | Path | Sequence[str | Path],
+    vocab: Vocabulary | None = None,
+    transform: Transform | None = None,
+    seed: int = 0,
+    *,
+    shuffle: int = 1000,
+    repeat: bool = False,
+    image_root: str | Path | None = None,
+) -> tuple[Dataset | IterableDataset, Vocabulary]:
+    """Folder (``*.jsonl``) or shards (anything else), with the vocabulary it uses.
+
+    ``seed``, ``shuffle`` and ``repeat`` apply to shards only: folders are ordered by a
+    :class:`DeterministicBatchSampler`.
+    """
+    if isinstance(source, (str, Path)) and str(source).endswith(".jsonl"):
+        dataset = WeakLabelFolder(source, vocab, transform, image_root)
+        return dataset, dataset.vocab
+    urls = expand_shards(source)
+    _check_shards_exist(urls)
+    vocab = _shard_vocab(urls, vocab)
+    return WeakShardDataset(urls, vocab, transform, seed, shuffle, repeat), vocab
+
+
+def write_webdataset_shards(
+    labels_file: str | Path,
+    out_dir: str | Path,
+    shard_size: int = 1000,
+    *,
+    image_root: str | Path | None = None,
+    vocab: Vocabulary | None = None,
+) -> list[str]:
+    """Convert a folder + labels.jsonl set into ``shard-NNNNNN.tar`` files and ``vocab.json``.
+
+    Image bytes are copied unchanged (a corrupt image stays corrupt and is counted as
+    skipped when read). Each sample's ``json`` holds ``{"labels": [...], "path": <path
+    relative to the image root>}`` so shard samples report the same paths as the folder.
+    Missing image files cannot be copied: they are left out with a warning.
+    """
+    labels_file = Path(labels_file)
+    root = Path(image_root) if image_root is not None else labels_file.parent
+    records = read_labels_jsonl(labels_file, image_root)
+    if vocab is None:
+        vocab = Vocabulary.build(records)
+    else:
+        _check_labels(records, vocab, labels_file)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob("*.tar")):
+        raise FileExistsError(f"{out_dir} already holds .tar shards; write into an empty directory")
+    written: list[str] = []
+    missing: list[str] = []
+    pattern = str(out_dir / "shard-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=written.append) as sink:
+        for i, record in enumerate(records):
+            try:
+                data = Path(record.image).read_bytes()
+            except OSError:
+                missing.append(record.image)
+                continue
+            ext = Path(record.image).suffix.lower().lstrip(".")
+            meta = {"labels": record.labels, "path": os.path.relpath(record.image, root)}
+            sink.write({
+                "__key__": f"{i:09d}",
+                ext if ext in IMAGE_EXTENSIONS else "img": data,
+                "json": json.dumps(meta).encode(),
+            })
+    if missing:
+        warnings.warn(
+            f"write_webdataset_shards: {len(missing)} image(s) not found and left out, "
+            f"e.g. {missing[:3]}",
+            stacklevel=2,
+        )
+    if not written:
+        raise FileNotFoundError(f"{labels_file}: none of the listed images exist; nothing written")
+    vocab.save_json(out_dir / "vocab.json")
+    return written
+
+
+# --------------------------------------------------------------------------------------
+# Batching, skip counting, deterministic sampling
+# --------------------------------------------------------------------------------------
+
+
+def collate_weak(samples: Sequence[dict]) -> dict:
+    """``{"samples": kept dicts, "labels": [B, C], "skipped": [(path, reason), ...]}``.
+
+    Skipped samples travel in the batch so the main process can count them whatever the
+    number of DataLoader workers. ``labels`` is ``[0, 0]`` if every sample was skipped.
+    Per-sample outputs (images, boxes, views) are left as a list for the model's own
+    batching, since their sizes may differ.
+    """
+    kept = [s for s in samples if not s.get("skipped")]
+    skipped = [(s["path"], s["reason"]) for s in samples if s.get("skipped")]
+    labels = torch.stack([s["labels"] for s in kept]) if kept else torch.zeros(0, 0)
+    return {"samples": kept, "labels": labels, "skipped": skipped}
+
+
+class SkipCounter:
+    """Count of skipped images over a run, with the first few kept as examples."""
+
+    def __init__(self, keep: int = 20):
+        self.keep = keep
+        self.count = 0
+        self.examples: list[tuple[str, str]] = []
+
+    def update(self, batch: dict | Iterable[tuple[str, str]]) -> int:
+        """Add a collated batch's (or a list of) skipped entries; returns how many."""
+        entries = list(batch["skipped"] if isinstance(batch, dict) else batch)
+        self.count += len(entries)
+        room = self.keep - len(self.examples)
+        self.examples += [(str(p), str(r)) for p, r in entries[: max(room, 0)]]
+        return len(entries)
+
+    def summary(self, max_items: int = 5) -> str:
+        if not self.count:
+            return "skipped 0 images"
+        lines = [f"skipped {self.count} image(s) that could not be decoded:"]
+        lines += [f"  {path}: {reason}" for path, reason in self.examples[:max_items]]
+        if self.count > max_items:
+            lines.append(f"  ... and {self.count - max_items} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Plain types only, so it can be logged as JSON or stored in a checkpoint."""
+        return {"count": self.count, "examples": [list(e) for e in self.examples]}
+
+    @classmethod
+    def from_dict(cls, state: dict, keep: int = 20) -> "SkipCounter":
+        counter = cls(keep)
+        counter.count = int(state["count"])
+        counter.examples = [(str(p), str(r)) for p, r in state["examples"]][:keep]
+        return counter
+
+
+class DeterministicBatchSampler(Sampler):
+    """Infinite batches of ``(index, sample_seed)``; iteration ``i`` depends only on (seed, i).
+
+    The global sample stream is the concatenation of permutations of ``range(num_samples)``,
+    one per epoch, each from (seed, epoch). Iteration ``i`` takes positions
+    ``[i*G, (i+1)*G)`` of that stream (``G = batch_size * world_size``) and this rank keeps
+    its ``batch_size`` slice. The sample seed hashes (seed, i, position in the global batch).
+    Because nothing depends on what was yielded before, ``start_iter=k`` resumes exactly.
+    Use as ``DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_weak)``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        start_iter: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError(f"need num_samples, batch_size > 0, got {num_samples}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if start_iter < 0:
+            raise ValueError(f"start_iter must be >= 0, got {start_iter}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_iter = start_iter
+        self.rank = rank
+        self.world_size = world_size
+        self._perms: dict[int, torch.Tensor] = {}
+        super().__init__()
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            while len(self._perms) >= 2:  # a batch spans at most two consecutive epochs
+                self._perms.pop(min(self._perms))
+            gen = torch.Generator().manual_seed(derive_seed("epoch", self.seed, epoch))
+            self._perms[epoch] = torch.randperm(self.num_samples, generator=gen)
+        return self._perms[epoch]
+
+    def _item(self, iteration: int, pos: int) -> tuple[int, int]:
+        epoch, offset = divmod(iteration * self.global_batch_size + pos, self.num_samples)
+        return int(self._perm(epoch)[offset]), derive_seed("sample", self.seed, iteration, pos)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def global_batch(self, iteration: int) -> list[tuple[int, int]]:
+        """The batch of all ranks together at ``iteration``."""
+        return [self._item(iteration, pos) for pos in range(self.global_batch_size)]
+
+    def batch(self, iteration: int) -> list[tuple[int, int]]:
+        """This rank's slice of the global batch at ``iteration``."""
+        start = self.rank * self.batch_size
+        return [self._item(iteration, pos) for pos in range(start, start + self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for iteration in itertools.count(self.start_iter):
+            yield self.batch(iteration)

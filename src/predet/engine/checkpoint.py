@@ -1,0 +1,150 @@
+"""Checkpoints that survive crashes and never execute code when loaded.
+
+Saves are atomic (temp file in the same directory, fsync, ``os.replace``) so a crash or a full
+disk mid-write leaves the previous checkpoint intact. Loads use ``torch.load(weights_only=True)``
+only: a checkpoint is data, and a file that carries pickled code is refused. Everything we save
+(RNG states included) is therefore kept to tensors and plain Python containers.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .distributed import is_main_process, unwrap_model
+
+LAST_CHECKPOINT_FILE = "last_checkpoint"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; not every platform allows opening a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, then atomically rename it.
+
+    On any failure the temp file is removed and ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path | None:
+    """Atomically ``torch.save`` ``state`` to ``path`` on the main process; None elsewhere."""
+    if not is_main_process():
+        return None
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a file carrying code raises UnpicklingError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers "
+            f"(loaded with weights_only=True, nothing in it was executed). Details: {exc}"
+        ) from None
+
+
+def write_last_checkpoint(checkpoint_path: str | Path) -> None:
+    """Record ``checkpoint_path``'s name in ``last_checkpoint`` beside it (main process only)."""
+    if not is_main_process():
+        return
+    checkpoint_path = Path(checkpoint_path)
+    atomic_write(checkpoint_path.parent / LAST_CHECKPOINT_FILE,
+                 lambda f: f.write(checkpoint_path.name + "\n"), mode="w")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint named in ``last_checkpoint`` under ``run_dir/checkpoints`` (or ``run_dir``).
+
+    Returns None when there is no record or the recorded file is gone.
+    """
+    run_dir = Path(run_dir)
+    for directory in (run_dir / "checkpoints", run_dir):
+        marker = directory / LAST_CHECKPOINT_FILE
+        if marker.is_file():
+            name = marker.read_text().strip()
+            candidate = directory / name
+            return candidate if name and candidate.is_file() else None
+    return None
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch CPU (and current CUDA device) RNG states as weights_only-safe data."""
+    version, internal, gauss = random.getstate()
+    algo, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"algo": str(algo), "keys": [int(k) for k in keys], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    # Only the current device: touching every GPU would create a context on each from each rank.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state`; absent parts (CUDA on a CPU run) are left alone."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state((s["algo"], np.asarray(s["keys"], dtype=np.uint32), s["pos"],
+                             s["has_gauss"], s["cached_gaussian"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def save_safetensors_weights(model: torch.nn.Module, path: str | Path,
+                             metadata: dict[str, str] | None = None) -> Path | None:
+    """Plain weights (no optimizer, no pickle) in safetensors format, on the main process.
+
+    Tensors are cloned to CPU so tied weights do not trip safetensors' shared-storage check.
+    """
+    if not is_main_process():
+        return None
+    from safetensors.torch import save
+
+    state = unwrap_model(model).state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    data = save(tensors, metadata=metadata)
+    return atomic_write(path, lambda f: f.write(data))

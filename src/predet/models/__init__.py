@@ -1,0 +1,1 @@
+"""Model pieces of PreDet: backbone + FPN, weak-label head, CRPN, contrastive RoI head."""

@@ -1,0 +1,90 @@
+"""Contrastive RoI head (DESIGN §2.7): which RoI of view 2 is the query of view 1?
+
+RoIs come from the CRPN's proposals for each query plus ``b2[q]`` itself. Every query is
+scored against every RoI of the batch in one similarity matrix; the RoIs of the same image
+overlapping ``b2[q]`` (IoU >= 0.5) are its positives, everything else its negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou
+
+from predet.models.crpn import sample_by_rank
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows of two (..., 4) xyxy tensors."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda x: (x[..., 2] - x[..., 0]).clamp(min=0) * (x[..., 3] - x[..., 1]).clamp(min=0)
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-6)
+
+
+@torch.no_grad()
+def sample_query_rois(proposals, valid, targets, per_query=16, pos_fraction=0.5, pos_iou=0.5):
+    """S RoIs per query from its proposals + its own target box (always kept).
+
+    Returns RoI boxes (R, 4) and the image index of each RoI (R,).
+    """
+    n, q, k, _ = proposals.shape
+    cands = torch.cat([proposals, targets[:, :, None]], dim=2).view(n * q, k + 1, 4)
+    ok = torch.cat([valid, valid.new_ones(n, q, 1)], dim=2).view(n * q, k + 1)
+    iou = pairwise_iou(cands, targets.reshape(n * q, 1, 4))
+    pos, neg = ok & (iou >= pos_iou), ok & (iou < pos_iou)
+    pos[:, k] = False  # the target itself is added below, outside the random draw
+    num_pos = pos.sum(1).clamp(max=max(int(per_query * pos_fraction) - 1, 0))
+    num_neg = torch.minimum(neg.sum(1), per_query - 1 - num_pos)
+    chosen = sample_by_rank(pos, num_pos, per_query) | sample_by_rank(neg, num_neg, per_query)
+    chosen[:, k] = True
+    rows, cols = chosen.nonzero(as_tuple=True)
+    return cands[rows, cols], rows // q
+
+
+def multi_positive_info_nce(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -mean_{p in P(row)} log softmax(sim[row])[p]; rows need >= 1 positive."""
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = positive.float()
+    return (-(log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
+
+
+class ContrastiveRoIHead(nn.Module):
+    """Projection MLP + class-agnostic box regression on top of the shared box head."""
+
+    def __init__(self, in_features: int, proj_dim: int = 128, temperature: float = 0.2, pos_iou: float = 0.5):
+        super().__init__()
+        self.projection = nn.Sequential(
+            nn.Linear(in_features, in_features), nn.ReLU(inplace=True), nn.Linear(in_features, proj_dim)
+        )
+        self.bbox_pred = nn.Linear(in_features, 4)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.bbox_pred.bias)
+        self.temperature = temperature
+        self.pos_iou = pos_iou
+        self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(features), dim=1)
+
+    def forward(self, query_features, roi_features, rois, roi_image, targets):
+        """query_features (N*Q, D), roi_features (R, D), rois (R, 4), roi_image (R,), targets (N, Q, 4)."""
+        n, q, _ = targets.shape
+        flat_targets = targets.reshape(n * q, 4)
+        query_image = torch.arange(n, device=rois.device).repeat_interleave(q)
+        same_image = query_image[:, None] == roi_image[None, :]
+        iou = box_iou(flat_targets, rois) * same_image  # (N*Q, R)
+        positive = iou >= self.pos_iou
+        sim = self.embed(query_features) @ self.embed(roi_features).T / self.temperature
+        loss_nce = multi_positive_info_nce(sim, positive)
+        accuracy = positive.gather(1, sim.argmax(1, keepdim=True)).float().mean()
+
+        best_iou, best_query = iou.max(dim=0)
+        fg = best_iou >= self.pos_iou
+        deltas = self.bbox_pred(roi_features[fg])
+        target_deltas = self.box_coder.encode_single(flat_targets[best_query[fg]], rois[fg])
+        loss_reg = F.smooth_l1_loss(deltas, target_deltas, beta=1 / 9, reduction="sum") / max(len(rois), 1)
+        return {"loss_nce": loss_nce, "loss_roi_reg": loss_reg, "acc_nce": accuracy.detach()}

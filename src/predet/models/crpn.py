@@ -1,0 +1,182 @@
+"""CRPN: a query-conditioned RPN (DESIGN §2.6, supplement §3).
+
+The ordinary RPN trunk runs on view 2. Two small MLPs turn each query embedding into the
+weights of a 1x1 conv (A outputs for scores, 4A for deltas). Applied per query that is a
+1x1 group convolution; here all queries of all images are one batched matmul over the
+flattened FPN positions, so there is no Python loop over queries.
+
+Anchor order everywhere is torchvision's: levels concatenated, then position, then anchor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+
+def weight_generator(query_dim: int, hidden: int, out_features: int) -> nn.Sequential:
+    """FC + ReLU, then FC producing a flattened conv weight and bias."""
+    mlp = nn.Sequential(nn.Linear(query_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+    nn.init.normal_(mlp[2].weight, std=0.001)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
+
+
+class QueryConditionedRPN(nn.Module):
+    def __init__(self, in_channels: int, query_dim: int, num_anchors: int, hidden: int = 256):
+        super().__init__()
+        # Same module as torchvision's RPNHead.conv, so it transfers to rpn.head.conv.
+        self.trunk = RPNHead(in_channels, num_anchors).conv
+        self.in_channels = in_channels
+        self.num_anchors = num_anchors
+        self.score_generator = weight_generator(query_dim, hidden, num_anchors * (in_channels + 1))
+        self.delta_generator = weight_generator(query_dim, hidden, 4 * num_anchors * (in_channels + 1))
+
+    def trunk_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Trunk on every level, flattened to (N, C, L) with L = all positions of all levels."""
+        return torch.cat([self.trunk(f).flatten(2) for f in features], dim=2)
+
+    def dynamic_weights(self, queries: torch.Tensor):
+        """(N, Q, D) embeddings -> score weights (N, Q, A, C), biases (N, Q, A) and the delta ones."""
+        n, q, _ = queries.shape
+        a, c = self.num_anchors, self.in_channels
+        score = self.score_generator(queries).view(n, q, a, c + 1)
+        delta = self.delta_generator(queries).view(n, q, a * 4, c + 1)
+        return score[..., :c], score[..., c], delta[..., :c], delta[..., c]
+
+    def scores(self, trunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """All queries' objectness for every anchor: (N, Q, L*A) in one batched matmul."""
+        n, q, a, c = weight.shape
+        out = torch.baddbmm(bias.reshape(n, q * a, 1), weight.reshape(n, q * a, c), trunk)
+        return out.view(n, q, a, -1).transpose(2, 3).reshape(n, q, -1)
+
+    def dense_deltas(self, trunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """All queries' deltas for every anchor: (N, Q, L*A, 4). Used for checks and small inputs."""
+        n, q, a4, c = weight.shape
+        out = torch.baddbmm(bias.reshape(n, q * a4, 1), weight.reshape(n, q * a4, c), trunk)
+        return out.view(n, q, a4 // 4, 4, -1).permute(0, 1, 4, 2, 3).reshape(n, q, -1, 4)
+
+    def gather_deltas(self, trunk, weight, bias, img, query, anchor) -> torch.Tensor:
+        """Deltas only at chosen (image, query, anchor) triples: (S, 4).
+
+        Training needs deltas for a few hundred anchors per query, not all of them, so the
+        regression conv is evaluated only there.
+        """
+        a = self.num_anchors
+        pos, k = anchor // a, anchor % a
+        feats = trunk[img, :, pos]  # (S, C)
+        w = weight.view(*weight.shape[:2], a, 4, -1)[img, query, k]  # (S, 4, C)
+        b = bias.view(*bias.shape[:2], a, 4)[img, query, k]  # (S, 4)
+        return torch.einsum("sc,sjc->sj", feats, w) + b
+
+
+def query_loop_reference(crpn: QueryConditionedRPN, features: list[torch.Tensor], queries: torch.Tensor):
+    """The per-query 1x1 conv the batched path must equal (tests and benchmarks only)."""
+    return per_query_conv_loop([crpn.trunk(f) for f in features], *crpn.dynamic_weights(queries))
+
+
+def per_query_conv_loop(trunks, score_w, score_b, delta_w, delta_b):
+    """One F.conv2d per (image, query, level): outputs (N, Q, L*A) and (N, Q, L*A, 4)."""
+    n, q, a, c = score_w.shape
+    scores, deltas = [], []
+    for i in range(n):
+        for j in range(q):
+            s_levels, d_levels = [], []
+            for t in trunks:
+                s = F.conv2d(t[i : i + 1], score_w[i, j].reshape(a, c, 1, 1), score_b[i, j])
+                d = F.conv2d(t[i : i + 1], delta_w[i, j].reshape(4 * a, c, 1, 1), delta_b[i, j])
+                s_levels.append(s.permute(0, 2, 3, 1).reshape(-1))
+                d_levels.append(d.view(a, 4, *d.shape[2:]).permute(2, 3, 0, 1).reshape(-1, 4))
+            scores.append(torch.cat(s_levels))
+            deltas.append(torch.cat(d_levels))
+    return torch.stack(scores).view(n, q, -1), torch.stack(deltas).view(n, q, -1, 4)
+
+
+def sample_by_rank(eligible: torch.Tensor, counts: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Per row, a uniformly random subset of ``counts[row]`` eligible columns (as a mask)."""
+    keys = torch.rand(eligible.shape, device=eligible.device).masked_fill_(~eligible, -1.0)
+    k_max = min(k_max, eligible.shape[1])
+    values, index = keys.topk(k_max, dim=1)
+    take = (values >= 0) & (torch.arange(k_max, device=eligible.device) < counts[:, None])
+    mask = torch.zeros_like(eligible)
+    mask.scatter_(1, index, take)
+    return mask
+
+
+def anchor_labels(anchors: torch.Tensor, targets: torch.Tensor, fg_iou: float, bg_iou: float) -> torch.Tensor:
+    """(R, A_total) labels: 1 for IoU >= fg or the best anchor of the row, 0 below bg, -1 between."""
+    iou = box_iou(targets, anchors)
+    labels = torch.full_like(iou, -1.0)
+    labels[iou < bg_iou] = 0.0
+    labels[iou >= fg_iou] = 1.0
+    best = iou.max(dim=1, keepdim=True).values
+    labels[(iou == best) & (best > 0)] = 1.0
+    return labels
+
+
+def sample_anchors(labels: torch.Tensor, per_query: int, pos_fraction: float):
+    """Balanced anchor sample per row: masks of sampled positives and negatives."""
+    pos, neg = labels == 1, labels == 0
+    num_pos = pos.sum(1).clamp(max=int(per_query * pos_fraction))
+    num_neg = torch.minimum(neg.sum(1), per_query - num_pos)
+    return sample_by_rank(pos, num_pos, per_query), sample_by_rank(neg, num_neg, per_query)
+
+
+class CRPNLoss(nn.Module):
+    """Anchor targets, sampling and losses of the CRPN for every (image, query)."""
+
+    def __init__(self, fg_iou=0.7, bg_iou=0.3, per_query=256, pos_fraction=0.5):
+        super().__init__()
+        self.fg_iou, self.bg_iou = fg_iou, bg_iou
+        self.per_query, self.pos_fraction = per_query, pos_fraction
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+
+    def forward(self, crpn, trunk, scores, delta_w, delta_b, anchors, targets):
+        n, q, total = scores.shape
+        labels = anchor_labels(anchors, targets.reshape(-1, 4), self.fg_iou, self.bg_iou)
+        pos, neg = sample_anchors(labels, self.per_query, self.pos_fraction)
+        sampled = pos | neg
+        flat_scores = scores.reshape(n * q, total)
+        loss_score = F.binary_cross_entropy_with_logits(flat_scores[sampled], labels[sampled])
+        row, anchor = pos.nonzero(as_tuple=True)
+        img, query = row // q, row % q
+        deltas = crpn.gather_deltas(trunk, delta_w, delta_b, img, query, anchor)
+        target_deltas = self.box_coder.encode_single(targets.reshape(-1, 4)[row], anchors[anchor])
+        loss_reg = F.smooth_l1_loss(deltas, target_deltas, beta=1 / 9, reduction="sum")
+        loss_reg = loss_reg / sampled.sum().clamp(min=1)
+        return {"loss_crpn_score": loss_score, "loss_crpn_reg": loss_reg}
+
+
+@torch.no_grad()
+def query_proposals(crpn, trunk, scores, delta_w, delta_b, anchors, image_size,
+                    pre_nms_top_n=64, nms_thresh=0.7, post_nms_top_n=16, box_coder=None):
+    """Top CRPN boxes per (image, query) after NMS, padded: boxes (N, Q, K, 4), valid (N, Q, K)."""
+    box_coder = box_coder or BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    n, q, total = scores.shape
+    k = min(pre_nms_top_n, total)
+    top_scores, top_anchor = scores.topk(k, dim=2)
+    img = torch.arange(n, device=scores.device).view(n, 1, 1).expand(n, q, k).reshape(-1)
+    query = torch.arange(q, device=scores.device).view(1, q, 1).expand(n, q, k).reshape(-1)
+    anchor = top_anchor.reshape(-1)
+    deltas = crpn.gather_deltas(trunk, delta_w, delta_b, img, query, anchor)
+    boxes = box_coder.decode_single(deltas, anchors[anchor])
+    boxes = clip_boxes_to_image(boxes, image_size)
+    group = img * q + query
+    keep = remove_small_boxes(boxes, 1e-3)
+    keep = keep[batched_nms(boxes[keep], top_scores.reshape(-1)[keep], group[keep], nms_thresh)]
+    # batched_nms returns indices by decreasing score; a stable sort by group keeps that order
+    # inside each group, so a box's rank in its group is its position minus the group's start.
+    keep = keep[torch.sort(group[keep], stable=True).indices]
+    g = group[keep]
+    starts = torch.searchsorted(g, g, right=False)
+    rank = torch.arange(len(g), device=g.device) - starts
+    keep, g, rank = keep[rank < post_nms_top_n], g[rank < post_nms_top_n], rank[rank < post_nms_top_n]
+    out = boxes.new_zeros(n * q, post_nms_top_n, 4)
+    valid = torch.zeros(n * q, post_nms_top_n, dtype=torch.bool, device=boxes.device)
+    out[g, rank] = boxes[keep]
+    valid[g, rank] = True
+    return out.view(n, q, post_nms_top_n, 4), valid.view(n, q, post_nms_top_n)

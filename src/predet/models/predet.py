@@ -1,0 +1,141 @@
+"""The PreDet pre-training model: a two-stage detector trained without boxes (DESIGN §2).
+
+Module names are chosen for transfer: ``backbone.body``/``backbone.fpn`` as in torchvision,
+``crpn.trunk`` is torchvision's ``rpn.head.conv`` and ``box_head.fc6``/``fc7`` is its
+``roi_heads.box_head``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import MultiScaleRoIAlign
+
+from predet.models.backbone import build_backbone
+from predet.models.contrastive import ContrastiveRoIHead, sample_query_rois
+from predet.models.crpn import CRPNLoss, QueryConditionedRPN, query_proposals
+from predet.models.weak_head import WeakLabelHead, weak_label_loss
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    norm: str = "bn"  # "bn" or "syncbn" for pre-training
+    fpn_channels: int = 256
+    box_head_dim: int = 1024
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    crpn_hidden: int = 256
+    crpn_fg_iou: float = 0.7
+    crpn_bg_iou: float = 0.3
+    crpn_anchors_per_query: int = 256
+    crpn_pos_fraction: float = 0.5
+    pre_nms_top_n: int = 64  # per query
+    nms_thresh: float = 0.7
+    post_nms_top_n: int = 16  # per query
+    rois_per_query: int = 16
+    roi_pos_fraction: float = 0.5
+    roi_pos_iou: float = 0.5
+    proj_dim: int = 128
+    temperature: float = 0.2
+
+
+@dataclass
+class LossConfig:
+    lambda_cls: float = 1.0
+    lambda_rpn: float = 1.0
+    lambda_roi: float = 1.0
+    cls_loss: str = "softmax"  # "softmax" (normalised multi-hot) or "bce"
+
+
+class PreDet(nn.Module):
+    def __init__(self, num_classes: int, model: ModelConfig | None = None, loss: LossConfig | None = None):
+        super().__init__()
+        self.cfg = model = model or ModelConfig()
+        self.loss_cfg = loss or LossConfig()
+        self.backbone = build_backbone(model.backbone, model.norm, model.fpn_channels)
+        self.cls_head = WeakLabelHead(self.backbone.in_channels_list[-1], num_classes)
+        self.anchor_generator = AnchorGenerator(
+            tuple((s,) for s in model.anchor_sizes), (tuple(model.aspect_ratios),) * len(model.anchor_sizes)
+        )
+        self.roi_align = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        self.box_head = TwoMLPHead(model.fpn_channels * 7 * 7, model.box_head_dim)
+        self.crpn = QueryConditionedRPN(
+            model.fpn_channels, model.box_head_dim, len(model.aspect_ratios), model.crpn_hidden
+        )
+        self.crpn_loss = CRPNLoss(
+            model.crpn_fg_iou, model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction
+        )
+        self.roi_head = ContrastiveRoIHead(model.box_head_dim, model.proj_dim, model.temperature, model.roi_pos_iou)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images: torch.Tensor):
+        """Backbone on a batch: (C5 for the weak head, FPN maps)."""
+        body = self.backbone.body((images - self.pixel_mean) / self.pixel_std)
+        return body["3"], self.backbone.fpn(body)
+
+    def anchors(self, images: torch.Tensor, fpn: dict) -> torch.Tensor:
+        """Anchors of one view (all views of a batch share a size): (L*A, 4)."""
+        size = tuple(images.shape[-2:])
+        image_list = ImageList(images[:1], [size])
+        return self.anchor_generator(image_list, list(fpn.values()))[0]
+
+    def embed_boxes(self, fpn: dict, boxes: torch.Tensor, size) -> torch.Tensor:
+        """Box-head features of (N, K, 4) boxes, flattened to (N*K, D)."""
+        pooled = self.roi_align(fpn, list(boxes), [size] * boxes.shape[0])
+        return self.box_head(pooled)
+
+    def forward(self, batch: dict) -> dict:
+        lam = self.loss_cfg
+        view1, view2 = batch["view1"], batch["view2"]
+        n = view1.shape[0]
+        c5, fpn = self.features(torch.cat([view1, view2]))
+        out = {}
+        if lam.lambda_cls > 0:
+            logits = self.cls_head(c5)
+            targets = batch["labels"].repeat(2, 1)
+            out["loss_cls"] = lam.lambda_cls * weak_label_loss(logits, targets, lam.cls_loss)
+        if lam.lambda_rpn <= 0 and lam.lambda_roi <= 0:
+            return out
+        fpn1 = {k: v[:n] for k, v in fpn.items()}
+        fpn2 = {k: v[n:] for k, v in fpn.items()}
+        size = tuple(view1.shape[-2:])
+        b1, b2 = batch["b1"], batch["b2"]
+        q = b1.shape[1]
+        z = self.embed_boxes(fpn1, b1, size)  # (N*Q, D)
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and lam.lambda_rpn > 0):
+            trunk = self.crpn.trunk_features(list(fpn2.values()))
+            sw, sb, dw, db = self.crpn.dynamic_weights(z.view(n, q, -1))
+            scores = self.crpn.scores(trunk, sw, sb)
+            anchors = self.anchors(view2, fpn2)
+            if lam.lambda_rpn > 0:
+                losses = self.crpn_loss(self.crpn, trunk, scores, dw, db, anchors, b2)
+                out.update({k: lam.lambda_rpn * v for k, v in losses.items()})
+        if lam.lambda_roi > 0:
+            m = self.cfg
+            proposals, valid = query_proposals(
+                self.crpn, trunk, scores, dw, db, anchors, size, m.pre_nms_top_n, m.nms_thresh, m.post_nms_top_n
+            )
+            rois, roi_image = sample_query_rois(proposals, valid, b2, m.rois_per_query, m.roi_pos_fraction, m.roi_pos_iou)
+            # RoIs come grouped by image, the order MultiScaleRoIAlign concatenates them in.
+            roi_boxes = [rois[roi_image == i] for i in range(n)]
+            roi_feats = self.box_head(self.roi_align(fpn2, roi_boxes, [size] * n))
+            losses = self.roi_head(z, roi_feats, rois, roi_image, b2)
+            out["loss_nce"] = lam.lambda_roi * losses["loss_nce"]
+            out["loss_roi_reg"] = lam.lambda_roi * losses["loss_roi_reg"]
+            out["acc_nce"] = losses["acc_nce"]
+        return out
+
+
+def build_predet(num_classes: int, model: ModelConfig | None = None, loss: LossConfig | None = None) -> PreDet:
+    return PreDet(num_classes, model, loss)

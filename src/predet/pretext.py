@@ -1,0 +1,93 @@
+"""Pretext-task diagnostics: is the detection pretext actually being learned?
+
+Two numbers on held-out image pairs, both without random sampling so they are comparable
+across iterations: the CRPN's recall (does its best box for query q overlap ``b2[q]`` with
+IoU >= 0.5?) and the contrastive top-1 accuracy (among the view-2 boxes of every query in the
+batch, is the most similar one a positive for q?).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import box_iou
+
+from predet.models.contrastive import pairwise_iou
+from predet.engine.trainer import move_to_device
+from predet.models.crpn import query_proposals
+
+
+def recall_at_iou(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
+    """Fraction of (..., 4) predictions overlapping their target with IoU >= threshold."""
+    return (pairwise_iou(pred, target) >= threshold).float().mean().item()
+
+
+def top1_accuracy(sim: torch.Tensor, positive: torch.Tensor) -> float:
+    """Fraction of rows whose most similar column is one of their positives."""
+    return positive.gather(1, sim.argmax(1, keepdim=True)).float().mean().item()
+
+
+@torch.no_grad()
+def pretext_predictions(model, batch: dict) -> dict:
+    """The CRPN's top box per query and the query-vs-target similarity matrix."""
+    view1, view2, b1, b2 = batch["view1"], batch["view2"], batch["b1"], batch["b2"]
+    n, q = b1.shape[:2]
+    size = tuple(view1.shape[-2:])
+    _, fpn = model.features(torch.cat([view1, view2]))
+    fpn1 = {k: v[:n] for k, v in fpn.items()}
+    fpn2 = {k: v[n:] for k, v in fpn.items()}
+    z = model.embed_boxes(fpn1, b1, size)
+    trunk = model.crpn.trunk_features(list(fpn2.values()))
+    sw, sb, dw, db = model.crpn.dynamic_weights(z.view(n, q, -1))
+    scores = model.crpn.scores(trunk, sw, sb)
+    anchors = model.anchors(view2, fpn2)
+    cfg = model.cfg
+    boxes, _ = query_proposals(model.crpn, trunk, scores, dw, db, anchors, size, cfg.pre_nms_top_n, cfg.nms_thresh, 1)
+    targets = model.embed_boxes(fpn2, b2, size)
+    sim = model.roi_head.embed(z) @ model.roi_head.embed(targets).T
+    image = torch.arange(n, device=b2.device).repeat_interleave(q)
+    flat = b2.reshape(-1, 4)
+    positive = (box_iou(flat, flat) >= model.roi_head.pos_iou) & (image[:, None] == image[None, :])
+    return {"top_box": boxes[:, :, 0], "sim": sim, "positive": positive}
+
+
+@torch.no_grad()
+def evaluate_pretext(model, batches) -> dict:
+    """Mean CRPN recall@0.5 and contrastive top-1 accuracy over held-out batches."""
+    recall, accuracy, count = 0.0, 0.0, 0
+    for batch in batches:
+        if not batch.get("num_images"):
+            continue
+        out = pretext_predictions(model, batch)
+        recall += recall_at_iou(out["top_box"], batch["b2"])
+        accuracy += top1_accuracy(out["sim"], out["positive"])
+        count += 1
+    if count == 0:
+        return {}
+    return {"pretext/crpn_recall@0.5": recall / count, "pretext/nce_top1": accuracy / count}
+
+
+class PretextDiagnosticsHook:
+    """Logs the pretext diagnostics on a fixed held-out set every ``period`` iterations."""
+
+    def __init__(self, dataset, collate, period: int, num_images: int = 32, batch_size: int = 8):
+        count = min(num_images, len(dataset))
+        # Fixed (index, seed) pairs: the same views every time, so curves are comparable.
+        self.batches = [
+            collate([dataset[(i, 10_000 + i)] for i in range(start, min(start + batch_size, count))])
+            for start in range(0, count, batch_size)
+        ]
+        self.period = period
+        self.last = {}
+
+    def run(self, model, device) -> dict:
+        was_training = model.training
+        model.eval()
+        self.last = evaluate_pretext(model, (move_to_device(b, device) for b in self.batches))
+        model.train(was_training)
+        return self.last
+
+    def after_step(self, state):
+        if state.rank == 0 and (state.iteration % self.period == 0 or state.iteration == state.max_iters):
+            result = self.run(state.model, state.device)
+            state.metrics.update(result)
+            state.writer.write({"iteration": state.iteration, **result})

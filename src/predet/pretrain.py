@@ -1,0 +1,111 @@
+"""``predet pretrain``: PreDet pre-training on weakly labelled images (DESIGN §2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from predet.config import SolverConfig, TrainConfig, load_config, to_dict
+from predet.data.weak import (
+    DeterministicBatchSampler,
+    Vocabulary,
+    build_weak_dataset,
+    collate_weak,
+)
+from predet.engine.distributed import cleanup, get_rank, get_world_size
+from predet.engine.trainer import TrainResult, train
+from predet.models.predet import LossConfig, ModelConfig, PreDet
+from predet.pretext import PretextDiagnosticsHook
+from predet.views import TwoViewTransform, ViewConfig
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # labels.jsonl, a .tar shard pattern, or a folder of shards
+    val: str = ""  # optional held-out labels.jsonl for the pretext diagnostics
+    vocab: str = ""  # optional vocab.json (a list of names); built from the data if empty
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_pretrain_config(path=None, overrides=()) -> PretrainConfig:
+    return load_config(PretrainConfig, path, overrides)
+
+
+def collate_two_view(samples: list[dict]) -> dict:
+    """Stack the two-view samples that decoded; skipped images travel along for counting."""
+    batch = collate_weak(samples)
+    kept = batch["samples"]
+    out = {"skipped": batch["skipped"], "num_images": len(kept), "labels": batch["labels"]}
+    for key in ("view1", "view2", "b1", "b2", "transform1", "transform2"):
+        if kept:
+            out[key] = torch.stack([s[key] for s in kept])
+    return out
+
+
+def read_vocab(path: str) -> Vocabulary | None:
+    return Vocabulary.from_list(json.loads(Path(path).read_text())) if path else None
+
+
+def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: int, world: int):
+    """A loader that resumes exactly: batch ``i`` depends only on (seed, i)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return DataLoader(
+            dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+            collate_fn=collate_two_view, persistent_workers=False,
+        )
+    sampler = DeterministicBatchSampler(
+        len(dataset), cfg.train.batch_size, cfg.train.seed, start_iter=start_iter, rank=rank, world_size=world
+    )
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate_two_view,
+        persistent_workers=False, prefetch_factor=4 if cfg.train.num_workers else None,
+    )
+
+
+def pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Pre-train a PreDet model; returns where the run ended and its checkpoint."""
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: give a labels.jsonl, shard pattern or shard folder")
+    transform = TwoViewTransform(cfg.data.views)
+    vocab = read_vocab(cfg.data.vocab)
+    dataset, vocab = build_weak_dataset(cfg.data.train, vocab, transform, cfg.train.seed, repeat=True)
+    if not any((cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi)):
+        raise ValueError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
+    train_cfg = cfg.train
+    if 0 in (cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi):
+        train_cfg = dataclasses.replace(train_cfg, find_unused_parameters=True)
+    if cfg.model.norm == "syncbn":
+        train_cfg = dataclasses.replace(train_cfg, sync_bn=True)
+    torch.manual_seed(cfg.train.seed)
+    model = PreDet(len(vocab), cfg.model, cfg.loss)
+
+    hooks = []
+    if cfg.data.val and cfg.train.eval_period > 0:
+        val_set, _ = build_weak_dataset(cfg.data.val, vocab, transform, cfg.train.seed)
+        hooks.append(PretextDiagnosticsHook(val_set, collate_two_view, cfg.train.eval_period))
+
+    def make_loader(start_iter: int):
+        return iter(build_pretrain_loader(dataset, cfg, start_iter, get_rank(), get_world_size()))
+
+    try:
+        return train(
+            model, make_loader, cfg.solver, train_cfg,
+            extra_state={"vocab": vocab.to_list(), "kind": "predet_pretrain"},
+            hooks=hooks, config_dict=to_dict(cfg),
+        )
+    finally:
+        cleanup()

@@ -1,0 +1,181 @@
+"""Two views of one image and the query boxes they share (DESIGN §2.1–2.2).
+
+Every view keeps its geometric transform (crop in source pixels, scale, flip), so a box in
+source coordinates maps exactly into either view. Randomness comes from a per-sample seed,
+which makes a sample reproducible whatever worker or process draws it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ViewTransform:
+    """Source -> view mapping: crop ``(x0, y0, w, h)`` resized to ``size`` and maybe flipped."""
+
+    x0: float
+    y0: float
+    w: float
+    h: float
+    size: int
+    flip: bool
+
+    def map_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Source-pixel xyxy boxes -> view-pixel xyxy boxes."""
+        sx, sy = self.size / self.w, self.size / self.h
+        x1 = (boxes[:, 0] - self.x0) * sx
+        x2 = (boxes[:, 2] - self.x0) * sx
+        y1 = (boxes[:, 1] - self.y0) * sy
+        y2 = (boxes[:, 3] - self.y0) * sy
+        if self.flip:
+            x1, x2 = self.size - x2, self.size - x1
+        return torch.stack([x1, y1, x2, y2], dim=1)
+
+    def unmap_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """View-pixel xyxy boxes -> source-pixel xyxy boxes (inverse of ``map_boxes``)."""
+        x1, y1, x2, y2 = boxes.unbind(1)
+        if self.flip:
+            x1, x2 = self.size - x2, self.size - x1
+        sx, sy = self.w / self.size, self.h / self.size
+        return torch.stack([x1 * sx + self.x0, y1 * sy + self.y0, x2 * sx + self.x0, y2 * sy + self.y0], 1)
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.x0, self.y0, self.w, self.h, float(self.size), float(self.flip)])
+
+
+@dataclass
+class ViewConfig:
+    """Knobs of the two-view sampler (defaults follow DESIGN §2)."""
+
+    size: int = 160
+    scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    min_overlap: float = 0.3  # shared area / smaller crop area
+    num_queries: int = 16
+    query_aspect: list[float] = field(default_factory=lambda: [1 / 3, 3.0])
+    query_scale: list[float] = field(default_factory=lambda: [0.1, 0.8])  # query side / sqrt(shared area), log-uniform
+    min_query_px: float = 8.0  # smallest query side in view pixels
+    flip_p: float = 0.5
+    jitter: float = 0.4  # brightness/contrast/saturation strength; 0 disables jitter
+    hue: float = 0.1
+    max_tries: int = 20
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float, n: int | None = None):
+    return np.exp(rng.uniform(math.log(low), math.log(high), size=n))
+
+
+def sample_crop(rng: np.random.Generator, width: int, height: int, cfg: ViewConfig):
+    """A RandomResizedCrop-style crop ``(x0, y0, w, h)`` in source pixels."""
+    area = width * height
+    for _ in range(cfg.max_tries):
+        target = area * rng.uniform(*cfg.scale)
+        aspect = _log_uniform(rng, *cfg.ratio)
+        w = math.sqrt(target * aspect)
+        h = math.sqrt(target / aspect)
+        if w <= width and h <= height:
+            return rng.uniform(0, width - w), rng.uniform(0, height - h), w, h
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, float(side), float(side)
+
+
+def _intersection(a, b):
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    return x1, y1, x2, y2
+
+
+def sample_crop_pair(rng: np.random.Generator, width: int, height: int, cfg: ViewConfig):
+    """Two crops whose shared region covers at least ``min_overlap`` of the smaller one."""
+    first = sample_crop(rng, width, height, cfg)
+    for _ in range(cfg.max_tries):
+        second = sample_crop(rng, width, height, cfg)
+        x1, y1, x2, y2 = _intersection(first, second)
+        if x2 <= x1 or y2 <= y1:
+            continue
+        shared = (x2 - x1) * (y2 - y1)
+        smaller = min(first[2] * first[3], second[2] * second[3])
+        if shared >= cfg.min_overlap * smaller:
+            return first, second
+    return first, first
+
+
+def sample_queries(rng: np.random.Generator, region, num: int, cfg: ViewConfig, min_side: float):
+    """Q boxes (source xyxy) inside ``region``, log-uniform in size and aspect ratio."""
+    x1, y1, x2, y2 = region
+    rw, rh = x2 - x1, y2 - y1
+    base = math.sqrt(rw * rh)
+    low = min(max(cfg.query_scale[0] * base, min_side), min(rw, rh))
+    high = max(cfg.query_scale[1] * base, low)
+    side = _log_uniform(rng, low, high, num)
+    aspect = _log_uniform(rng, *cfg.query_aspect, num)
+    w = np.minimum(side * np.sqrt(aspect), rw)
+    h = np.minimum(side / np.sqrt(aspect), rh)
+    qx = x1 + rng.uniform(0, 1, num) * (rw - w)
+    qy = y1 + rng.uniform(0, 1, num) * (rh - h)
+    return torch.tensor(np.stack([qx, qy, qx + w, qy + h], 1), dtype=torch.float32)
+
+
+def render_view(image: Image.Image, t: ViewTransform) -> torch.Tensor:
+    """Crop + resize + flip as one resampling; float CHW in [0, 1]."""
+    view = image.resize((t.size, t.size), Image.BILINEAR, box=(t.x0, t.y0, t.x0 + t.w, t.y0 + t.h))
+    if t.flip:
+        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    return TF.pil_to_tensor(view).float().div_(255.0)
+
+
+def color_jitter(img: torch.Tensor, rng: np.random.Generator, strength: float, hue: float):
+    """Brightness/contrast/saturation/hue jitter in a random order, driven by ``rng``."""
+    if strength <= 0 and hue <= 0:
+        return img
+    ops = [
+        lambda x: TF.adjust_brightness(x, rng.uniform(1 - strength, 1 + strength)),
+        lambda x: TF.adjust_contrast(x, rng.uniform(1 - strength, 1 + strength)),
+        lambda x: TF.adjust_saturation(x, rng.uniform(1 - strength, 1 + strength)),
+    ]
+    if hue > 0:
+        ops.append(lambda x: TF.adjust_hue(x, rng.uniform(-hue, hue)))
+    for i in rng.permutation(len(ops)):
+        img = ops[i](img)
+    return img.clamp_(0, 1)
+
+
+def make_two_views(image: Image.Image, seed: int, cfg: ViewConfig) -> dict:
+    """Views, queries ``b1``/``b2`` (Q, 4 xyxy in each view) and both transforms."""
+    rng = np.random.default_rng(seed)
+    image = image.convert("RGB")
+    width, height = image.size
+    crop1, crop2 = sample_crop_pair(rng, width, height, cfg)
+    t1 = ViewTransform(*crop1, size=cfg.size, flip=bool(rng.uniform() < cfg.flip_p))
+    t2 = ViewTransform(*crop2, size=cfg.size, flip=bool(rng.uniform() < cfg.flip_p))
+    # The smallest query must stay min_query_px wide in the view that magnifies least.
+    min_side = cfg.min_query_px * max(t1.w, t1.h, t2.w, t2.h) / cfg.size
+    queries = sample_queries(rng, _intersection(crop1, crop2), cfg.num_queries, cfg, min_side)
+    view1 = color_jitter(render_view(image, t1), rng, cfg.jitter, cfg.hue)
+    view2 = color_jitter(render_view(image, t2), rng, cfg.jitter, cfg.hue)
+    return {
+        "view1": view1,
+        "view2": view2,
+        "b1": t1.map_boxes(queries),
+        "b2": t2.map_boxes(queries),
+        "queries_src": queries,
+        "transform1": t1.as_tensor(),
+        "transform2": t2.as_tensor(),
+    }
+
+
+class TwoViewTransform:
+    """Picklable callable ``(image, seed) -> views`` for the weak-label datasets."""
+
+    def __init__(self, cfg: ViewConfig):
+        self.cfg = cfg
+
+    def __call__(self, image: Image.Image, seed: int) -> dict:
+        return make_two_views(image, seed, self.cfg)

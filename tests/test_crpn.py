@@ -1,0 +1,80 @@
+import torch
+
+from helpers import tiny_model, two_view_batch
+from predet.models.crpn import QueryConditionedRPN, anchor_labels, query_loop_reference, sample_anchors
+
+
+def random_crpn(seed=0):
+    torch.manual_seed(seed)
+    crpn = QueryConditionedRPN(in_channels=16, query_dim=8, num_anchors=3, hidden=12).double()
+    for p in crpn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    feats = [torch.randn(2, 16, 6, 5, dtype=torch.float64, requires_grad=True),
+             torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)]
+    queries = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    return crpn, feats, queries
+
+
+def batched_outputs(crpn, feats, queries):
+    trunk = crpn.trunk_features(feats)
+    sw, sb, dw, db = crpn.dynamic_weights(queries)
+    return crpn.scores(trunk, sw, sb), crpn.dense_deltas(trunk, dw, db)
+
+
+def grads(crpn, feats, queries, outputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
+    tensors = list(crpn.parameters()) + feats + [queries]
+    return torch.autograd.grad(loss, tensors)
+
+
+def test_batched_crpn_equals_per_query_loop():
+    crpn, feats, queries = random_crpn()
+    batched = batched_outputs(crpn, feats, queries)
+    loop = query_loop_reference(crpn, feats, queries)
+    for b, l in zip(batched, loop):
+        assert b.shape == l.shape
+        torch.testing.assert_close(b, l, atol=1e-5, rtol=1e-5)
+    for gb, gl in zip(grads(crpn, feats, queries, batched), grads(crpn, feats, queries, loop)):
+        torch.testing.assert_close(gb, gl, atol=1e-5, rtol=1e-5)
+
+
+def test_gathered_deltas_equal_dense_ones():
+    crpn, feats, queries = random_crpn(3)
+    trunk = crpn.trunk_features(feats)
+    sw, sb, dw, db = crpn.dynamic_weights(queries)
+    dense = crpn.dense_deltas(trunk, dw, db)
+    img = torch.tensor([0, 1, 1, 0])
+    query = torch.tensor([4, 0, 2, 1])
+    anchor = torch.tensor([0, 5, dense.shape[2] - 1, 40])
+    torch.testing.assert_close(crpn.gather_deltas(trunk, dw, db, img, query, anchor), dense[img, query, anchor])
+
+
+def test_anchor_equal_to_query_is_positive_and_far_anchors_negative():
+    anchors = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 12, 12], [100, 0, 140, 30.0]])
+    labels = anchor_labels(anchors, torch.tensor([[0, 0, 10, 10.0]]), fg_iou=0.7, bg_iou=0.3)
+    assert labels[0].tolist() == [1.0, 0.0, -1.0, 0.0]
+
+
+def test_model_anchor_as_query_is_positive():
+    model = tiny_model()
+    batch = two_view_batch()
+    _, fpn = model.features(batch["view2"])
+    anchors = model.anchors(batch["view2"], fpn)
+    picked = anchors[[17, 300, len(anchors) - 2]]
+    labels = anchor_labels(anchors, picked, 0.7, 0.3)
+    assert labels[0, 17] == 1 and labels[1, 300] == 1 and labels[2, len(anchors) - 2] == 1
+    far = (anchors[:, 0] - picked[0, 2]) > 20
+    assert (labels[0, far] == 0).all()
+
+
+def test_anchor_sampling_is_balanced():
+    torch.manual_seed(0)
+    labels = torch.zeros(3, 1000)
+    labels[0, :300] = 1  # more positives than half the budget
+    labels[1, :5] = 1
+    labels[2, 500:] = -1
+    pos, neg = sample_anchors(labels, per_query=256, pos_fraction=0.5)
+    assert pos.sum(1).tolist() == [128, 5, 0]
+    assert (pos.sum(1) + neg.sum(1)).tolist() == [256, 256, 256]
+    assert not (pos & (labels != 1)).any() and not (neg & (labels != 0)).any()

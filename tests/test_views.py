@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import roi_align
+
+from helpers import smooth_image
+from predet.views import ViewConfig, ViewTransform, make_two_views
+
+
+def crop_region(view: torch.Tensor, box: torch.Tensor, flip: bool, size=12) -> torch.Tensor:
+    patch = roi_align(view[None], [box[None]], output_size=size, aligned=True)[0]
+    return patch.flip(-1) if flip else patch
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_query_pixels_match_between_views(seed):
+    cfg = ViewConfig(size=96, jitter=0.0, hue=0.0, num_queries=8, min_query_px=12)
+    out = make_two_views(smooth_image(seed), seed, cfg)
+    flip1, flip2 = bool(out["transform1"][5]), bool(out["transform2"][5])
+    for q in range(cfg.num_queries):
+        a = crop_region(out["view1"], out["b1"][q], flip1)
+        b = crop_region(out["view2"], out["b2"][q], flip2)
+        assert (a - b).abs().mean() < 0.02, f"query {q}: regions differ"
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_queries_lie_inside_both_views(seed):
+    cfg = ViewConfig(size=64, num_queries=16)
+    out = make_two_views(smooth_image(seed, 300, 120), seed, cfg)
+    for boxes in (out["b1"], out["b2"]):
+        assert (boxes >= -1e-3).all() and (boxes <= cfg.size + 1e-3).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+def test_map_and_unmap_are_inverse():
+    t = ViewTransform(x0=13.5, y0=4.0, w=80.0, h=60.0, size=64, flip=True)
+    boxes = torch.tensor([[20.0, 10.0, 50.0, 40.0], [14.0, 5.0, 90.0, 60.0]])
+    assert torch.allclose(t.unmap_boxes(t.map_boxes(boxes)), boxes, atol=1e-4)
+
+
+def test_same_seed_same_views_and_shapes():
+    cfg = ViewConfig(size=48, num_queries=5)
+    a = make_two_views(smooth_image(1), 7, cfg)
+    b = make_two_views(smooth_image(1), 7, cfg)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert a["view1"].shape == (3, 48, 48) and a["b1"].shape == (5, 4)
+
+
+def test_query_sizes_and_aspects_follow_config():
+    cfg = ViewConfig(size=128, num_queries=64, min_query_px=4)
+    out = make_two_views(smooth_image(3, 400, 400), 3, cfg)
+    q = out["queries_src"]
+    w, h = q[:, 2] - q[:, 0], q[:, 3] - q[:, 1]
+    aspect = (w / h).numpy()
+    assert aspect.min() >= 1 / 3 - 1e-3 and aspect.max() <= 3 + 1e-3
+    assert np.unique(np.round(w.numpy(), 3)).size > 32  # sizes vary
