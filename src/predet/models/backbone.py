@@ -36,12 +36,11 @@ def norm_layer(name: str):
     return layers[name]
 
 
-def _resnet_body(name: str, norm: str) -> tuple[nn.Module, list[int]]:
+def _resnet_body(name: str, norm: str, stages) -> tuple[nn.Module, list[int]]:
     net = getattr(models, name)(weights=None, norm_layer=norm_layer(norm))
-    layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
-    body = IntermediateLayerGetter(net, return_layers=layers)
+    body = IntermediateLayerGetter(net, return_layers={f"layer{s}": str(i) for i, s in enumerate(stages)})
     width = 512 if name in ("resnet18", "resnet34") else 2048
-    return body, [width // 8, width // 4, width // 2, width]
+    return body, [width // 2 ** (4 - s) for s in stages]
 
 
 def regnet_y_64gf(norm_layer=nn.BatchNorm2d) -> models.RegNet:
@@ -50,25 +49,26 @@ def regnet_y_64gf(norm_layer=nn.BatchNorm2d) -> models.RegNet:
     return models.RegNet(params, norm_layer=norm_layer)
 
 
-def _regnet_body(name: str, norm: str) -> tuple[nn.Module, list[int]]:
+def _regnet_body(name: str, norm: str, stages) -> tuple[nn.Module, list[int]]:
     if name == "regnet_y_64gf":
         net = regnet_y_64gf(norm_layer(norm))
     else:
         net = getattr(models, name)(weights=None, norm_layer=norm_layer(norm))
-    layers = {f"trunk_output.block{i + 1}": str(i) for i in range(4)}
+    layers = {f"trunk_output.block{s}": str(i) for i, s in enumerate(stages)}
     body = create_feature_extractor(net, return_nodes=layers)
     with torch.no_grad():
         shapes = body(torch.zeros(1, 3, 64, 64))
-    return body, [shapes[str(i)].shape[1] for i in range(4)]
+    return body, [shapes[str(i)].shape[1] for i in range(len(stages))]
 
 
 class BackboneFPN(nn.Module):
     """Feature body + FPN; attribute names match torchvision's ``BackboneWithFPN``."""
 
-    def __init__(self, body: nn.Module, in_channels: list[int], out_channels: int, fpn_norm=None):
+    def __init__(self, body: nn.Module, in_channels: list[int], out_channels: int, fpn_norm=None, extra_blocks=None):
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, LastLevelMaxPool(), norm_layer=fpn_norm)
+        extra_blocks = LastLevelMaxPool() if extra_blocks is None else extra_blocks
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks, norm_layer=fpn_norm)
         self.out_channels = out_channels
         self.in_channels_list = in_channels
 
@@ -76,12 +76,19 @@ class BackboneFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-def build_backbone(name: str = "resnet50", norm: str = "bn", out_channels: int = 256) -> BackboneFPN:
-    """Backbone body + FPN (P2..P6, P6 by max-pool) with random weights."""
+def build_backbone(
+    name: str = "resnet50", norm: str = "bn", out_channels: int = 256, stages=(1, 2, 3, 4), extra_blocks=None
+) -> BackboneFPN:
+    """Backbone body + FPN with random weights.
+
+    The default is the two-stage detectors' pyramid (C2..C5 -> P2..P5, P6 by max-pool);
+    RetinaNet asks for ``stages=(2, 3, 4)`` and a P6/P7 block.
+    """
     if name in RESNETS:
-        body, in_channels = _resnet_body(name, norm)
+        body, in_channels = _resnet_body(name, norm, stages)
     elif name in REGNETS:
-        body, in_channels = _regnet_body(name, norm)
+        body, in_channels = _regnet_body(name, norm, stages)
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return BackboneFPN(body, in_channels, out_channels, fpn_norm=group_norm if norm == "gn" else None)
+    fpn_norm = group_norm if norm == "gn" else None
+    return BackboneFPN(body, in_channels, out_channels, fpn_norm=fpn_norm, extra_blocks=extra_blocks)

@@ -1,0 +1,375 @@
+"""COCO / LVIS evaluation of torchvision detectors, and drawings of what they found.
+
+The metrics are the official ones, computed by pycocotools' ``COCOeval`` and ``lvis.LVISEval``
+on detections in the COCO results format, and reported as the fractions (0..1) those tools
+give: ``bbox/AP`` is ``COCOeval.stats[0]``. A value of -1 means the tool found no ground truth
+in that group (no small objects, no rare categories), exactly as the tools report it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from PIL import Image
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
+LVIS_MAX_DETS = 300
+PRED_COLOR = "red"
+TRUE_COLOR = "lime"
+
+
+# --------------------------------------------------------------------------- results format
+
+
+def _encode_masks(masks: torch.Tensor) -> list[dict]:
+    """Compressed RLE per mask, counts as str so the results can go straight into JSON."""
+    array = np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0))
+    rles = mask_utils.encode(array)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def predictions_to_results(
+    outputs: Sequence[dict], image_ids: Sequence[Any], cat_ids: Sequence[int],
+    masks: bool = True, mask_threshold: float = 0.5,
+) -> list[dict]:
+    """torchvision detector outputs -> COCO results (xywh boxes, dataset category ids, RLE).
+
+    Label ``l`` (contiguous, 1..K) maps to ``cat_ids[l - 1]``; mask probabilities are cut at
+    ``mask_threshold``. Segmentations are added only when ``masks`` and the output has them.
+    """
+    if len(outputs) != len(image_ids):
+        raise ValueError(f"{len(outputs)} outputs but {len(image_ids)} image ids")
+    results = []
+    for output, image_id in zip(outputs, image_ids):
+        boxes = output["boxes"].detach().float().cpu()
+        labels = output["labels"].detach().cpu().tolist()
+        scores = output["scores"].detach().float().cpu().tolist()
+        if any(label < 1 or label > len(cat_ids) for label in labels):
+            raise ValueError(f"labels must lie in 1..{len(cat_ids)}, got {sorted(set(labels))}")
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        rles = None
+        if masks and "masks" in output and len(labels):
+            binary = output["masks"].detach()[:, 0] > mask_threshold
+            rles = _encode_masks(binary.cpu())
+        for i, (box, label, score) in enumerate(zip(xywh, labels, scores)):
+            result = {"image_id": int(image_id), "category_id": int(cat_ids[label - 1]),
+                      "bbox": box, "score": score}
+            if rles is not None:
+                result["segmentation"] = rles[i]
+            results.append(result)
+    return results
+
+
+def _results_for(results: list[dict], iou_type: str) -> list[dict]:
+    """Fresh copies for one IoU type (the eval APIs write into what they are given).
+
+    For ``segm`` the box is dropped, as Detectron2 does: with a box present both APIs take
+    the box area as the detection's area, which would sort masks into the wrong size range.
+    """
+    if iou_type == "bbox":
+        return [dict(r) for r in results]
+    if not all("segmentation" in r for r in results):
+        raise ValueError("segm evaluation needs a 'segmentation' in every result")
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+
+
+def _limit_per_image(results: list[dict], max_dets: int) -> list[dict]:
+    """Keep each image's ``max_dets`` highest-scoring detections (LVIS allows 300)."""
+    by_image = defaultdict(list)
+    for r in results:
+        by_image[r["image_id"]].append(r)
+    kept = []
+    for dets in by_image.values():
+        kept.extend(sorted(dets, key=lambda r: r["score"], reverse=True)[:max_dets])
+    return kept
+
+
+# --------------------------------------------------------------------------- COCO / LVIS
+
+
+def _zeros(iou_types: Iterable[str], keys: Sequence[str]) -> dict:
+    return {f"{t}/{k}": 0.0 for t in iou_types for k in keys}
+
+
+def evaluate_coco(
+    coco_gt, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm"),
+    img_ids: Sequence[int] | None = None, verbose: bool = False,
+) -> dict:
+    """COCOeval AP / AP50 / AP75 / APs / APm / APl per IoU type, as ``"bbox/AP"`` etc.
+
+    ``img_ids`` restricts the evaluation to the images actually run (a subset of the json);
+    by default every image in ``coco_gt`` counts. No detections at all scores 0.0.
+    """
+    metrics = {}
+    for iou_type in iou_types:
+        if not results:
+            metrics.update(_zeros([iou_type], COCO_KEYS))
+            continue
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            if img_ids is not None:
+                evaluator.params.imgIds = sorted(int(i) for i in img_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        metrics.update({f"{iou_type}/{k}": float(v) for k, v in zip(COCO_KEYS, evaluator.stats)})
+    return metrics
+
+
+@contextlib.contextmanager
+def _quiet_lvis(verbose: bool):
+    """lvis 0.5.3 calls ``np.float`` (gone since NumPy 1.24): lend the alias for the call only.
+    Also keep its info logs and ``logger.warn`` deprecation noise quiet unless verbose."""
+    added = "float" not in np.__dict__
+    if added:
+        np.float = float
+    logger = logging.getLogger("lvis")
+    level = logger.level
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+        if added:
+            del np.float
+
+
+def evaluate_lvis(
+    lvis_gt, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm"),
+    img_ids: Sequence[int] | None = None, verbose: bool = False,
+) -> dict:
+    """LVISEval AP / AP50 / AP75 / APs / APm / APl / APr / APc / APf per IoU type.
+
+    LVIS scores at most 300 detections per image: only the top-scoring 300 are kept.
+    ``img_ids`` restricts the evaluation as in :func:`evaluate_coco`.
+    """
+    from lvis import LVISEval, LVISResults
+
+    metrics = {}
+    limited = _limit_per_image(results, LVIS_MAX_DETS)
+    for iou_type in iou_types:
+        if not limited:
+            metrics.update(_zeros([iou_type], LVIS_KEYS))
+            continue
+        with _quiet_lvis(verbose):
+            lvis_dt = LVISResults(lvis_gt, _results_for(limited, iou_type), max_dets=LVIS_MAX_DETS)
+            evaluator = LVISEval(lvis_gt, lvis_dt, iou_type)
+            if img_ids is not None:
+                evaluator.params.img_ids = sorted(int(i) for i in img_ids)
+            evaluator.run()
+            if verbose:
+                evaluator.print_results()
+        stats = evaluator.get_results()
+        metrics.update({f"{iou_type}/{k}": float(stats[k]) for k in LVIS_KEYS})
+    return metrics
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _base_dataset(dataset):
+    """The dataset that carries ``cat_ids`` / ``coco`` / ``lvis``, under any Subset wrappers."""
+    while not hasattr(dataset, "cat_ids") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    if not hasattr(dataset, "cat_ids"):
+        raise AttributeError(f"{type(dataset).__name__} has no cat_ids")
+    return dataset
+
+
+def _collate(samples: list) -> dict:
+    """The batch layout of the detection data module's ``collate_detection``; kept here so
+    evaluation does not depend on the training data pipeline."""
+    images, targets = zip(*samples)
+    return {"images": list(images), "targets": list(targets), "num_images": len(images)}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Inference:
+    results: list[dict] = field(default_factory=list)
+    image_ids: list[int] = field(default_factory=list)
+    has_masks: bool = False
+    stats: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _infer(model, loader, device, progress: bool) -> _Inference:
+    """One pass over ``loader``, remembering which images ran and whether masks came out."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    cat_ids = _base_dataset(loader.dataset).cat_ids
+    model.eval()
+    run = _Inference()
+    _synchronize(device)
+    start = time.perf_counter()
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images = [image.to(device, non_blocking=True) for image in batch["images"]]
+        outputs = model(images)
+        ids = [int(target["image_id"]) for target in batch["targets"]]
+        run.has_masks |= any("masks" in output for output in outputs)
+        run.results.extend(predictions_to_results(outputs, ids, cat_ids))
+        run.image_ids.extend(ids)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    n = len(run.image_ids)
+    run.stats = {"images": n, "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else 0.0}
+    return run
+
+
+def run_inference(model, loader, device, progress: bool = True) -> tuple[list[dict], dict]:
+    """Detections for every image of ``loader`` in COCO results format, plus throughput
+    (``images``, ``seconds``, ``images_per_s``; the time includes data loading)."""
+    run = _infer(model, loader, device, progress)
+    return run.results, run.stats
+
+
+def evaluate_dataset(
+    model, dataset, device="cpu", batch_size: int = 2, num_workers: int = 0,
+    progress: bool = True, collate_fn=None,
+) -> dict:
+    """Run ``model`` over ``dataset`` and score it with LVIS metrics when the dataset has an
+    ``lvis`` ground truth, else COCO metrics; mask AP only when the model outputs masks.
+    Only the images of ``dataset`` count, so a subset of a json is scored fairly."""
+    base = _base_dataset(dataset)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_fn or _collate)
+    model.to(device)
+    run = _infer(model, loader, device, progress)
+    iou_types = ("bbox", "segm") if run.has_masks else ("bbox",)
+    if getattr(base, "lvis", None) is not None:
+        metrics = evaluate_lvis(base.lvis, run.results, iou_types, img_ids=run.image_ids)
+    elif getattr(base, "coco", None) is not None:
+        metrics = evaluate_coco(base.coco, run.results, iou_types, img_ids=run.image_ids)
+    else:
+        raise AttributeError(f"{type(base).__name__} has neither a coco nor an lvis ground truth")
+    metrics["images_per_s"] = run.stats["images_per_s"]
+    return metrics
+
+
+# --------------------------------------------------------------------------- drawings
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    if image.dtype == torch.uint8:
+        return image.cpu()
+    return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _label_text(label: int, category_names: Sequence[str]) -> str:
+    return category_names[label - 1] if 1 <= label <= len(category_names) else str(label)
+
+
+def _cpu(tensor):
+    return None if tensor is None else tensor.detach().cpu()
+
+
+def _draw(canvas, boxes, labels, masks, color, width):
+    """Masks first, boxes over them, so the labels stay readable."""
+    if len(boxes) == 0:
+        return canvas
+    if masks is not None and len(masks):
+        canvas = draw_segmentation_masks(canvas, masks.bool(), alpha=0.4, colors=color)
+    return draw_bounding_boxes(canvas, boxes.float(), labels=labels, colors=color, width=width)
+
+
+def draw_detections(
+    image: torch.Tensor, prediction: dict, target: dict | None, category_names: Sequence[str],
+    score_threshold: float = 0.5,
+) -> Image.Image:
+    """The image with ground truth (lime, ``gt:`` labels) and the predictions scoring at least
+    ``score_threshold`` (red, name and score) drawn over it, for eyeballing a detector."""
+    canvas = _to_uint8(image)
+    if target is not None:
+        labels = [f"gt: {_label_text(int(l), category_names)}" for l in target["labels"]]
+        canvas = _draw(canvas, target["boxes"].cpu(), labels, _cpu(target.get("masks")),
+                       TRUE_COLOR, width=2)
+    keep = prediction["scores"].detach().cpu() >= score_threshold
+    boxes = prediction["boxes"].detach().cpu()[keep]
+    labels = [f"{_label_text(int(l), category_names)} {float(s):.2f}"
+              for l, s in zip(prediction["labels"].cpu()[keep], prediction["scores"].cpu()[keep])]
+    masks = prediction.get("masks")
+    if masks is not None:
+        masks = masks.detach().cpu()[keep][:, 0] > 0.5
+    canvas = _draw(canvas, boxes, labels, masks, PRED_COLOR, width=2)
+    return to_pil_image(canvas)
+
+
+@torch.no_grad()
+def visualize(
+    model, dataset, num_images: int, out_dir, device="cpu", score_threshold: float = 0.5,
+) -> list[Path]:
+    """Draw the first ``num_images`` images of ``dataset`` with predictions and ground truth
+    into ``out_dir/vis_{image_id}.png``; returns the written paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _base_dataset(dataset).category_names
+    model.to(device)
+    model.eval()
+    paths = []
+    for index in range(min(num_images, len(dataset))):
+        image, target = dataset[index]
+        prediction = model([image.to(device)])[0]
+        drawing = draw_detections(image, prediction, target, names, score_threshold)
+        path = out_dir / f"vis_{int(target['image_id'])}.png"
+        drawing.save(path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_results_json(metrics: dict, path) -> Path:
+    """Write ``metrics`` as sorted JSON through a temp file + ``os.replace``, so a reader never
+    sees half a file and a crash leaves the previous one intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(metrics, f, sort_keys=True, indent=2, default=_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(value):
+    """numpy / torch scalars come out of the eval tools; JSON needs plain numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

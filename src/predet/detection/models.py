@@ -1,0 +1,128 @@
+"""Detector builders: torchvision Mask R-CNN, Faster R-CNN and RetinaNet on predet backbones.
+
+The modules keep torchvision's names (``backbone.body``, ``backbone.fpn``, ``rpn.head.conv``,
+``roi_heads.box_head.fc6/fc7``), so pre-trained PreDet weights and exported weights line up
+with plain torchvision models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from predet.models.backbone import build_backbone
+
+ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
+
+
+@dataclass
+class DetectorConfig:
+    arch: str = "mask_rcnn"
+    backbone: str = "resnet50"
+    norm: str = "frozen_bn"  # frozen_bn | bn | syncbn | gn; from scratch needs syncbn or gn
+    freeze_at: int = 2  # stages kept frozen: 0 none, 1 stem, 2 stem + res2 (Detectron2's default)
+    fpn_channels: int = 256
+    box_head_dim: int = 1024
+    mask_head_dim: int = 256
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    min_size: int = 800
+    max_size: int = 1333
+    rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+    detections_per_image: int = 100
+    score_thresh: float = 0.05
+
+
+class BatchInput:
+    """Lets the shared trainer call a torchvision detector as ``model(batch)``.
+
+    A mixin, not a wrapper, so the state dict keeps torchvision's names exactly.
+    """
+
+    def forward(self, images, targets=None):
+        if isinstance(images, dict):
+            images, targets = images["images"], images.get("targets")
+        return super().forward(images, targets)
+
+
+class PredetMaskRCNN(BatchInput, MaskRCNN):
+    pass
+
+
+class PredetFasterRCNN(BatchInput, FasterRCNN):
+    pass
+
+
+class PredetRetinaNet(BatchInput, RetinaNet):
+    pass
+
+
+def freeze_stages(body: nn.Module, freeze_at: int) -> None:
+    """Freeze the stem (1) and then the first residual stages, as Detectron2's FREEZE_AT."""
+    stem = ("conv1", "bn1", "stem")
+    for name, param in body.named_parameters():
+        top = name.split(".")[0]
+        stage = 1 if top in stem else None
+        if top.startswith("layer"):
+            stage = int(top[5:]) + 1
+        elif name.startswith("trunk_output.block"):
+            stage = int(name.split(".")[1][5:]) + 1
+        if stage is not None and stage <= freeze_at:
+            param.requires_grad_(False)
+
+
+def _anchor_generator(cfg: DetectorConfig, retinanet: bool) -> AnchorGenerator:
+    if retinanet:  # three octave scales per level, as in the RetinaNet paper
+        sizes = tuple(tuple(int(s * 2 ** (k / 3)) for k in range(3)) for s in cfg.anchor_sizes)
+    else:
+        sizes = tuple((s,) for s in cfg.anchor_sizes)
+    return AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * len(sizes))
+
+
+def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
+    """A torchvision detector for ``num_classes`` foreground classes (labels 1..K), random weights."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown detector {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    c = cfg.fpn_channels
+    common = dict(min_size=cfg.min_size, max_size=cfg.max_size, detections_per_img=cfg.detections_per_image)
+    if cfg.arch == "retinanet":
+        backbone = build_backbone(cfg.backbone, cfg.norm, c, stages=(2, 3, 4), extra_blocks=LastLevelP6P7(c, c))
+        freeze_stages(backbone.body, cfg.freeze_at)
+        return PredetRetinaNet(backbone, num_classes + 1, anchor_generator=_anchor_generator(cfg, True),
+                         score_thresh=cfg.score_thresh, **common)
+    backbone = build_backbone(cfg.backbone, cfg.norm, c)
+    freeze_stages(backbone.body, cfg.freeze_at)
+    anchors = _anchor_generator(cfg, False)
+    kwargs = dict(
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(c, anchors.num_anchors_per_location()[0]),
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_dim),
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_score_thresh=cfg.score_thresh,
+        **common,
+    )
+    if cfg.arch == "faster_rcnn":
+        return PredetFasterRCNN(backbone, None, **kwargs)
+    m = cfg.mask_head_dim
+    return PredetMaskRCNN(
+        backbone, None, mask_head=MaskRCNNHeads(c, [m] * 4, 1),
+        mask_predictor=MaskRCNNPredictor(m, m, num_classes + 1), **kwargs,
+    )

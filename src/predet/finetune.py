@@ -1,0 +1,261 @@
+"""``predet finetune`` and ``predet eval``: detectors on box-annotated data (DESIGN §3).
+
+Settings resolve in this order: the YAML file, then the named preset (a row of the
+supplement's tables), then ``key=value`` overrides. A named schedule is given at batch 16
+(Detectron2's convention): iterations, milestones, warm-up and lr scale linearly with the
+real batch size, and ``schedule_scale`` shrinks them for CPU-sized runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from predet.config import (
+    ConfigError,
+    SolverConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
+from predet.data.weak import DeterministicBatchSampler
+from predet.detection.datasets import (
+    RepeatFactorBatchSampler,
+    build_detection_dataset,
+    collate_detection,
+    repeat_factors,
+    subset_path,
+    write_subset,
+)
+from predet.detection.evaluation import evaluate_dataset, visualize, write_results_json
+from predet.detection.models import DetectorConfig, build_detector
+from predet.detection.presets import preset_overrides
+from predet.detection.schedules import resolve_schedule, scale_lr
+from predet.detection.transfer import load_init_weights
+from predet.engine.checkpoint import load_checkpoint
+from predet.engine.optim import param_groups
+from predet.engine.distributed import cleanup, get_rank, get_world_size, is_main_process
+from predet.engine.trainer import TrainResult, resolve_device, train
+
+logger = logging.getLogger(__name__)
+
+MASK_HEAD_MODULES = ("roi_heads.mask_head", "roi_heads.mask_predictor")
+
+
+@dataclass
+class FinetuneDataConfig:
+    train: str = ""  # COCO or LVIS json
+    train_images: str = ""  # folder the json's file names are relative to
+    val: str = ""
+    val_images: str = ""
+    test: str = ""  # evaluated once at the end, never used to choose settings
+    test_images: str = ""
+    kind: str = "coco"  # coco | lvis
+    subset: int = 0  # fine-tune on N training images (0: all), written out as COCO json
+    subset_seed: int = 0
+    repeat_factor_threshold: float = 0.0  # > 0 turns on repeat-factor sampling (LVIS: 0.001)
+    flip_p: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr_mf: float = 1.0  # the mask head's lr is solver.lr x lr_mf (it is never pre-trained)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 2
+    visualize: int = 0  # PNGs of predictions written at the end
+
+
+@dataclass
+class FinetuneConfig:
+    init: str = "scratch"  # scratch | a PreDet checkpoint | an external backbone file
+    preset: str = ""  # e.g. coco/mask_rcnn/predet_ig50m (supplement Table 1)
+    schedule: str = ""  # 1x 2x 3x 6x 9x 60k 70k 130k; empty: solver.max_iters/milestones as given
+    schedule_scale: float = 1.0
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    model: DetectorConfig = field(default_factory=DetectorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_finetune_config(path=None, overrides=()) -> FinetuneConfig:
+    """YAML, then the preset it names (or an override names), then the overrides."""
+    base = load_yaml(path) if path else {}
+    preset = apply_overrides(base, list(overrides)).get("preset", "")
+    if preset:
+        try:
+            base = apply_overrides(base, [f"{k}={v}" for k, v in preset_overrides(preset).items()])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    try:
+        return from_dict(FinetuneConfig, apply_overrides(base, list(overrides)))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def resolve_solver(cfg: FinetuneConfig, world_size: int = 1) -> SolverConfig:
+    """The solver actually run: a named schedule and its lr scaled to the real batch size."""
+    if not cfg.schedule:
+        return cfg.solver
+    batch = cfg.train.batch_size * world_size
+    sched = resolve_schedule(cfg.schedule, batch_size=batch, schedule_scale=cfg.schedule_scale)
+    factor = sched.max_iters / resolve_schedule(cfg.schedule).max_iters
+    warmup = max(1, round(cfg.solver.warmup_iters * factor)) if cfg.solver.warmup_iters else 0
+    return dataclasses.replace(
+        cfg.solver, lr=scale_lr(cfg.solver.lr, batch), max_iters=sched.max_iters,
+        milestones=list(sched.milestones), warmup_iters=min(warmup, sched.max_iters - 1), schedule="step",
+    )
+
+
+def mask_head_groups(detector, lr_mf: float) -> dict[str, float]:
+    """lr multipliers by module name: only Mask R-CNN has a mask head."""
+    names = {n for n, _ in detector.named_modules()}
+    return {m: lr_mf for m in MASK_HEAD_MODULES if m in names}
+
+
+def training_annotations(cfg: FinetuneConfig, run_dir: Path) -> str:
+    """The training json, or the deterministic N-image subset of it written into the run."""
+    if not cfg.data.subset:
+        return cfg.data.train
+    out = subset_path(cfg.data.train, cfg.data.subset, cfg.data.subset_seed, run_dir / "data")
+    if not Path(out).exists() and is_main_process():
+        write_subset(cfg.data.train, cfg.data.subset, cfg.data.subset_seed, out)
+    return str(out)
+
+
+def build_train_loader(dataset, cfg: FinetuneConfig, start_iter: int):
+    """Batch ``i`` depends only on (seed, i): resume is exact."""
+    rank, world = get_rank(), get_world_size()
+    if cfg.data.repeat_factor_threshold > 0:
+        factors = repeat_factors(dataset, cfg.data.repeat_factor_threshold)
+        sampler = RepeatFactorBatchSampler(factors, cfg.train.batch_size, cfg.train.seed, start_iter, rank, world)
+    else:
+        sampler = DeterministicBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, start_iter, rank, world)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate_detection)
+
+
+class PeriodicEvaluation:
+    """Evaluates on the validation split every ``period`` iterations; logs to evals.jsonl."""
+
+    def __init__(self, dataset, cfg: FinetuneConfig, period: int):
+        self.dataset, self.cfg, self.period = dataset, cfg, period
+
+    def after_step(self, state):
+        if state.rank != 0 or state.iteration % self.period or state.iteration == state.max_iters:
+            return
+        metrics = evaluate_dataset(state.model, self.dataset, state.device, self.cfg.eval.batch_size,
+                                   progress=False)
+        record_evaluation(state.run_dir, state.iteration, "val", metrics)
+        state.writer.write({"iteration": state.iteration, **{f"val/{k}": v for k, v in metrics.items()}})
+        state.metrics.update({f"val/{k}": v for k, v in metrics.items()})
+
+
+def record_evaluation(run_dir: Path, iteration: int, split: str, metrics: dict) -> None:
+    """One line per evaluation: the AP-against-iterations curve the reports plot."""
+    with open(Path(run_dir) / "evals.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": iteration, "split": split, **metrics}, sort_keys=True) + "\n")
+
+
+@dataclass
+class FinetuneResult:
+    train: TrainResult
+    results: dict
+    results_path: Path
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json lands in the run dir."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give a COCO or LVIS json")
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    masks = cfg.model.arch == "mask_rcnn"
+    train_ann = training_annotations(cfg, run_dir)
+    train_set = build_detection_dataset(train_ann, cfg.data.train_images, cfg.data.kind, train=True, masks=masks)
+    val_set = None
+    if cfg.data.val:
+        val_set = build_detection_dataset(cfg.data.val, cfg.data.val_images, cfg.data.kind, masks=masks)
+    logger.info("training data: %s", train_set.stats_summary())
+
+    torch.manual_seed(cfg.train.seed)
+    detector = build_detector(cfg.model, num_classes=len(train_set.cat_ids))
+    report = load_init_weights(detector, cfg.init, cfg.model.arch)
+    if is_main_process():
+        (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+
+    solver = resolve_solver(cfg, get_world_size())
+    groups = mask_head_groups(detector, cfg.optim.lr_mf)
+    hooks = [PeriodicEvaluation(val_set, cfg, cfg.train.eval_period)] if val_set and cfg.train.eval_period else []
+    try:
+        result = train(
+            detector, lambda start: iter(build_train_loader(train_set, cfg, start)), solver, cfg.train,
+            extra_state={"kind": "predet_finetune", "cat_ids": list(train_set.cat_ids),
+                         "category_names": list(train_set.category_names)},
+            param_groups=partial(param_groups, lr_mults=groups) if groups else None,
+            hooks=hooks, config_dict=to_dict(cfg),
+        )
+        results = {"iteration": result.iteration, "init": cfg.init, "schedule": cfg.schedule,
+                   "solver": to_dict(solver), "train_data": train_set.stats}
+        if is_main_process():
+            device = resolve_device(cfg.train.device)
+            for split, dataset in (("val", val_set), ("test", _test_set(cfg, masks))):
+                if dataset is None:
+                    continue
+                metrics = evaluate_dataset(detector, dataset, device, cfg.eval.batch_size, progress=cfg.train.progress)
+                results[split] = metrics
+                record_evaluation(run_dir, result.iteration, split, metrics)
+            if cfg.eval.visualize and val_set is not None:
+                visualize(detector, val_set, cfg.eval.visualize, run_dir / "visualize", device)
+            write_results_json(results, run_dir / "results.json")
+    finally:
+        cleanup()
+    return FinetuneResult(result, results, run_dir / "results.json")
+
+
+def _test_set(cfg: FinetuneConfig, masks: bool):
+    if not cfg.data.test:
+        return None
+    return build_detection_dataset(cfg.data.test, cfg.data.test_images, cfg.data.kind, masks=masks)
+
+
+def load_detector(checkpoint: str | Path):
+    """A fine-tuned detector and its training config, from a checkpoint of ``predet finetune``."""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("extra_state", {}).get("kind") != "predet_finetune":
+        raise ValueError(f"{checkpoint}: not a predet finetune checkpoint (no extra_state.kind='predet_finetune')")
+    cfg = from_dict(FinetuneConfig, ckpt["config"])
+    detector = build_detector(cfg.model, num_classes=len(ckpt["extra_state"]["cat_ids"]))
+    detector.load_state_dict(ckpt["model"])
+    return detector.eval(), cfg, ckpt["extra_state"]
+
+
+def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "", device: str = "auto",
+                        batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None) -> dict:
+    """``predet eval``: metrics of a fine-tuned checkpoint on a COCO/LVIS json."""
+    detector, cfg, extra = load_detector(checkpoint)
+    dataset = build_detection_dataset(data, images or cfg.data.val_images, kind or cfg.data.kind,
+                                      masks=cfg.model.arch == "mask_rcnn")
+    if list(dataset.cat_ids) != list(extra["cat_ids"]):
+        raise ValueError(f"{data}: categories {list(dataset.cat_ids)} differ from the checkpoint's {extra['cat_ids']}")
+    dev = resolve_device(device)
+    detector.to(dev)
+    metrics = evaluate_dataset(detector, dataset, dev, batch_size)
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_results_json({"checkpoint": str(checkpoint), "data": str(data), **metrics}, out / "eval_results.json")
+    if visualize_n:
+        visualize(detector, dataset, visualize_n, out / "visualize", dev)
+    return metrics
