@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -38,3 +40,50 @@ def two_view_batch(n=2, size=64, q=4, seed=0, num_classes=5) -> dict:
     batch["labels"] = labels
     batch["num_images"] = n
     return batch
+
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+CPU_PRETRAIN_CONFIG = CONFIGS / "pretrain" / "fashiondet_r18_cpu.yaml"
+CPU_FINETUNE_CONFIG = CONFIGS / "finetune" / "fashiondet_r18_cpu.yaml"
+
+
+def tiny_pretrain_overrides(weak: Path, run_dir: Path, iters: int, **extra) -> list[str]:
+    """The shipped CPU config, shrunk: the same code path on a 64 px, 4-image problem."""
+    items = {
+        "data.train": weak / "labels.jsonl", "data.vocab": weak / "vocab.json",
+        "data.views.size": 64, "data.views.num_queries": 4, "data.views.min_query_px": 6,
+        "model.fpn_channels": 32, "model.box_head_dim": 64, "model.crpn_hidden": 32,
+        "model.anchor_sizes": "[8,16,32,64,128]", "model.crpn_anchors_per_query": 64,
+        "model.pre_nms_top_n": 32, "model.post_nms_top_n": 8, "model.rois_per_query": 4,
+        "solver.max_iters": iters, "solver.warmup_iters": 5, "solver.lr": 0.01,
+        "train.batch_size": 4, "train.num_workers": 0, "train.checkpoint_period": 10,
+        "train.log_period": 1, "train.progress": "false", "train.run_dir": run_dir,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def tiny_pretrain_config(weak, run_dir, iters, **extra):
+    from predet.pretrain import load_pretrain_config
+
+    return load_pretrain_config(CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides(weak, run_dir, iters, **extra))
+
+
+def tiny_finetune_overrides(fashiondet: Path, run_dir: Path, init: str, iters: int = 6, **extra) -> list[str]:
+    """The shipped CPU fine-tuning config on the tiny build, with heads matching the tiny pre-training."""
+    det = fashiondet / "det"
+    items = {
+        "init": init, "schedule": "", "data.subset": 0,
+        "data.train": det / "annotations" / "train.json", "data.train_images": det / "images",
+        "data.val": det / "annotations" / "val.json", "data.val_images": det / "images",
+        "model.min_size": 96, "model.max_size": 96, "model.fpn_channels": 32, "model.box_head_dim": 64,
+        "model.mask_head_dim": 16, "model.anchor_sizes": "[8,16,32,64,128]",
+        "model.rpn_pre_nms_top_n_train": 100, "model.rpn_post_nms_top_n_train": 50,
+        "model.rpn_pre_nms_top_n_test": 100, "model.rpn_post_nms_top_n_test": 50,
+        "model.box_batch_size_per_image": 32, "model.detections_per_image": 20,
+        "solver.max_iters": iters, "solver.warmup_iters": 2, "solver.lr": 0.01, "solver.milestones": f"[{iters - 2}]",
+        "train.batch_size": 2, "train.num_workers": 0, "train.checkpoint_period": 2, "train.log_period": 1,
+        "train.eval_period": 0, "train.progress": "false", "train.run_dir": run_dir, "eval.batch_size": 4,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]

@@ -13,39 +13,16 @@ import torch
 import torch.multiprocessing as mp
 
 from predet.cli import main as cli_main
-from predet.data.fashiondet import build_fashiondet
 from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
 from predet.engine.metrics import read_metrics
 from predet.pretrain import load_pretrain_config, pretrain
 
-CPU_CONFIG = Path(__file__).parents[1] / "configs" / "pretrain" / "fashiondet_r18_cpu.yaml"
+from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_config, tiny_pretrain_overrides
 
 
 @pytest.fixture(scope="module")
-def weak_set(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fashiondet")
-    build_fashiondet(out, size="tiny", seed=0, canvas=96, progress=False)
-    return out / "weak"
-
-
-def tiny_overrides(weak: Path, run_dir: Path, iters: int, **extra) -> list[str]:
-    """The shipped CPU config, shrunk: the same code path on a 64 px, 4-image problem."""
-    items = {
-        "data.train": weak / "labels.jsonl", "data.vocab": weak / "vocab.json",
-        "data.views.size": 64, "data.views.num_queries": 4, "data.views.min_query_px": 6,
-        "model.fpn_channels": 32, "model.box_head_dim": 64, "model.crpn_hidden": 32,
-        "model.anchor_sizes": "[8,16,32,64,128]", "model.crpn_anchors_per_query": 64,
-        "model.pre_nms_top_n": 32, "model.post_nms_top_n": 8, "model.rois_per_query": 4,
-        "solver.max_iters": iters, "solver.warmup_iters": 5, "solver.lr": 0.01,
-        "train.batch_size": 4, "train.num_workers": 0, "train.checkpoint_period": 10,
-        "train.log_period": 1, "train.progress": "false", "train.run_dir": run_dir,
-    }
-    items.update(extra)
-    return [f"{k}={v}" for k, v in items.items()]
-
-
-def tiny_config(weak, run_dir, iters, **extra):
-    return load_pretrain_config(CPU_CONFIG, tiny_overrides(weak, run_dir, iters, **extra))
+def weak_set(fashiondet_tiny) -> Path:
+    return fashiondet_tiny / "weak"
 
 
 def total_loss(record: dict) -> float:
@@ -53,7 +30,7 @@ def total_loss(record: dict) -> float:
 
 
 def test_training_lowers_the_loss(weak_set, tmp_path):
-    cfg = tiny_config(weak_set, tmp_path / "run", 30, **{"solver.lr": 0.02, "data.views.jitter": 0.0})
+    cfg = tiny_pretrain_config(weak_set, tmp_path / "run", 30, **{"solver.lr": 0.02, "data.views.jitter": 0.0})
     result = pretrain(cfg)
     assert result.iteration == 30
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "losses" in r]
@@ -75,16 +52,16 @@ class CrashAt:
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(weak_set, tmp_path, monkeypatch):
-    straight = pretrain(tiny_config(weak_set, tmp_path / "straight", 30))
+    straight = pretrain(tiny_pretrain_config(weak_set, tmp_path / "straight", 30))
     import predet.pretrain as pretrain_module
 
     real_train = pretrain_module.train
     monkeypatch.setattr(pretrain_module, "train", lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(20)]}))
     with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_config(weak_set, tmp_path / "resumed", 30))
+        pretrain(tiny_pretrain_config(weak_set, tmp_path / "resumed", 30))
     monkeypatch.setattr(pretrain_module, "train", real_train)
     assert latest_checkpoint(tmp_path / "resumed").name == "checkpoint_0000020.pth"
-    resumed = pretrain(tiny_config(weak_set, tmp_path / "resumed", 30, **{"train.resume": "true"}))
+    resumed = pretrain(tiny_pretrain_config(weak_set, tmp_path / "resumed", 30, **{"train.resume": "true"}))
     a = load_checkpoint(straight.last_checkpoint)["model"]
     b = load_checkpoint(resumed.last_checkpoint)["model"]
     assert a.keys() == b.keys()
@@ -117,7 +94,7 @@ def _ddp_worker(rank, world, port, weak, run_dir, out):
 
     real_train = pretrain_module.train
     pretrain_module.train = lambda *a, **k: real_train(*a, **{**k, "hooks": [SaveWeights(out)]})
-    cfg = tiny_config(Path(weak), Path(run_dir), 4, **{"train.batch_size": 2, "train.checkpoint_period": 100})
+    cfg = tiny_pretrain_config(Path(weak), Path(run_dir), 4, **{"train.batch_size": 2, "train.checkpoint_period": 100})
     pretrain_module.pretrain(cfg)
 
 
@@ -143,7 +120,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(weak_set, tmp_path):
     (data / "labels.jsonl").write_text("\n".join(lines) + "\n")
     shutil.copy(weak_set / "vocab.json", data / "vocab.json")
     # 8 images, batch 4, 2 iterations: exactly one epoch, so each bad image is met once.
-    result = pretrain(tiny_config(data, tmp_path / "run", 2))
+    result = pretrain(tiny_pretrain_config(data, tmp_path / "run", 2))
     assert result.iteration == 2
     assert result.skipped == 2
     skipped = [json.loads(l) for l in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
@@ -151,22 +128,22 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(weak_set, tmp_path):
 
 
 def test_cli_pretrain_smoke_and_bad_inputs(weak_set, tmp_path, capsys):
-    args = ["pretrain", "--config", str(CPU_CONFIG), *tiny_overrides(weak_set, tmp_path / "run", 2)]
+    args = ["pretrain", "--config", str(CPU_PRETRAIN_CONFIG), *tiny_pretrain_overrides(weak_set, tmp_path / "run", 2)]
     assert cli_main(args) == 0
     assert "finished at iteration 2" in capsys.readouterr().out
 
-    assert cli_main(["pretrain", "--config", str(CPU_CONFIG), "solver.lr_typo=1"]) == 2
+    assert cli_main(["pretrain", "--config", str(CPU_PRETRAIN_CONFIG), "solver.lr_typo=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'solver.lr_typo'" in err and "solver.lr" in err and "model.backbone" in err
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "labels": ["Bag"]}\n{"image": "b.png", "labels": "Bag"}\n')
-    assert cli_main(["pretrain", "--config", str(CPU_CONFIG), f"data.train={bad}", "data.vocab="]) == 2
+    assert cli_main(["pretrain", "--config", str(CPU_PRETRAIN_CONFIG), f"data.train={bad}", "data.vocab="]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and ":2" in err and "labels" in err
 
 
 def test_every_shipped_pretrain_config_loads():
-    for path in sorted(CPU_CONFIG.parent.glob("*.yaml")):
+    for path in sorted(CPU_PRETRAIN_CONFIG.parent.glob("*.yaml")):
         cfg = load_pretrain_config(path)
         assert cfg.model.backbone and cfg.solver.max_iters > 0, path

@@ -23,6 +23,37 @@ def cmd_pretrain(args) -> None:
         print(f"{result.skipped} image(s) could not be read and were skipped: see {result.run_dir / 'skipped.jsonl'}")
 
 
+def cmd_finetune(args) -> None:
+    from predet.finetune import finetune, load_finetune_config
+
+    out = finetune(load_finetune_config(args.config, args.overrides))
+    print(f"fine-tuning finished at iteration {out.train.iteration}; results: {out.results_path}")
+    for split in ("val", "test"):
+        if split in out.results:
+            print(f"{split}: " + format_metrics(out.results[split]))
+
+
+def cmd_eval(args) -> None:
+    from predet.finetune import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.images, args.kind, args.device,
+                                  args.batch_size, args.visualize, args.out)
+    print(format_metrics(metrics))
+
+
+def cmd_export(args) -> None:
+    from predet.export import export_checkpoint
+
+    for path in export_checkpoint(args.checkpoint, args.out, formats=args.format, arch=args.arch):
+        print(f"wrote {path}")
+
+
+def format_metrics(metrics: dict) -> str:
+    """AP figures in percent, as papers print them."""
+    keys = [k for k in metrics if "/AP" in k]
+    return "  ".join(f"{k} {100 * metrics[k]:.1f}" for k in keys)
+
+
 def cmd_data_fashiondet(args) -> int:
     from predet.data.fashiondet import main_from_args
 
@@ -44,6 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
+    p = verbs.add_parser("finetune", help="fine-tune a detector (Mask/Faster R-CNN, RetinaNet) and evaluate it")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = verbs.add_parser("eval", help="evaluate a fine-tuned checkpoint on a COCO or LVIS json")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="COCO or LVIS annotation json")
+    p.add_argument("--images", default="", help="image folder (default: the checkpoint's val_images)")
+    p.add_argument("--kind", default="", choices=["", "coco", "lvis"], help="default: the checkpoint's")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--visualize", type=int, default=0, metavar="N", help="write N PNGs of predictions")
+    p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
+    p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("export", help="export weights for plain torchvision and for Detectron2")
+    p.add_argument("--checkpoint", required=True, help="a pretrain or finetune checkpoint")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", nargs="+", default=["torchvision", "detectron2"],
+                   choices=["torchvision", "detectron2"])
+    p.add_argument("--arch", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"],
+                   help="detector layout for a pre-training checkpoint")
+    p.set_defaults(func=cmd_export)
+
     data = verbs.add_parser("data", help="prepare data sets")
     kinds = data.add_subparsers(dest="kind", required=True)
     from predet.data.fashiondet import add_cli_arguments
@@ -63,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from predet.data.fashion_mnist import FashionMNISTNotFound
     from predet.data.weak import LabelFileError
+    from predet.detection.datasets import AnnotationError
     from predet.engine.trainer import ResumeError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, LabelFileError, FashionMNISTNotFound, FloatingPointError, ResumeError) as exc:
+    except (ConfigError, LabelFileError, AnnotationError, FashionMNISTNotFound, FloatingPointError,
+            ResumeError) as exc:
         print(f"predet {args.verb}: error: {exc}", file=sys.stderr)
         return 2
 

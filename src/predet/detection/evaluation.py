@@ -221,6 +221,18 @@ class _Inference:
     stats: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode for the pass, then the caller's mode back: a periodic evaluation in the
+    middle of training must not leave the detector returning detections instead of losses."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def _infer(model, loader, device, progress: bool) -> _Inference:
     """One pass over ``loader``, remembering which images ran and whether masks came out."""
@@ -228,19 +240,19 @@ def _infer(model, loader, device, progress: bool) -> _Inference:
 
     device = torch.device(device)
     cat_ids = _base_dataset(loader.dataset).cat_ids
-    model.eval()
     run = _Inference()
-    _synchronize(device)
-    start = time.perf_counter()
-    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        images = [image.to(device, non_blocking=True) for image in batch["images"]]
-        outputs = model(images)
-        ids = [int(target["image_id"]) for target in batch["targets"]]
-        run.has_masks |= any("masks" in output for output in outputs)
-        run.results.extend(predictions_to_results(outputs, ids, cat_ids))
-        run.image_ids.extend(ids)
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+    with _eval_mode(model):
+        _synchronize(device)
+        start = time.perf_counter()
+        for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+            images = [image.to(device, non_blocking=True) for image in batch["images"]]
+            outputs = model(images)
+            ids = [int(target["image_id"]) for target in batch["targets"]]
+            run.has_masks |= any("masks" in output for output in outputs)
+            run.results.extend(predictions_to_results(outputs, ids, cat_ids))
+            run.image_ids.extend(ids)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
     n = len(run.image_ids)
     run.stats = {"images": n, "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else 0.0}
     return run
@@ -248,7 +260,8 @@ def _infer(model, loader, device, progress: bool) -> _Inference:
 
 def run_inference(model, loader, device, progress: bool = True) -> tuple[list[dict], dict]:
     """Detections for every image of ``loader`` in COCO results format, plus throughput
-    (``images``, ``seconds``, ``images_per_s``; the time includes data loading)."""
+    (``images``, ``seconds``, ``images_per_s``; the time includes data loading). The model
+    runs in eval mode and gets its previous mode back afterwards."""
     run = _infer(model, loader, device, progress)
     return run.results, run.stats
 
@@ -334,15 +347,15 @@ def visualize(
     out_dir.mkdir(parents=True, exist_ok=True)
     names = _base_dataset(dataset).category_names
     model.to(device)
-    model.eval()
     paths = []
-    for index in range(min(num_images, len(dataset))):
-        image, target = dataset[index]
-        prediction = model([image.to(device)])[0]
-        drawing = draw_detections(image, prediction, target, names, score_threshold)
-        path = out_dir / f"vis_{int(target['image_id'])}.png"
-        drawing.save(path)
-        paths.append(path)
+    with _eval_mode(model):
+        for index in range(min(num_images, len(dataset))):
+            image, target = dataset[index]
+            prediction = model([image.to(device)])[0]
+            drawing = draw_detections(image, prediction, target, names, score_threshold)
+            path = out_dir / f"vis_{int(target['image_id'])}.png"
+            drawing.save(path)
+            paths.append(path)
     return paths
 
 
