@@ -34,8 +34,11 @@ $(DATA)/fashiondet.json: | setup fashion-mnist
 demo: setup fashion-mnist $(DATA)/fashiondet.json
 	$(BIN)/predet pretrain --config configs/pretrain/fashiondet_r18_cpu.yaml
 
-bench: setup
-	$(BIN)/python benchmarks/pretrain_speed.py --quick | tee benchmarks/results/pretrain_speed_quick.json
+# BENCH_FLAGS=--quick for a minute each; the JSON each prints is what benchmarks/results/ keeps.
+BENCH_FLAGS ?=
+bench: setup fashion-mnist
+	$(BIN)/python benchmarks/pretrain_speed.py $(BENCH_FLAGS) | tee benchmarks/results/pretrain_speed$(subst --,_,$(BENCH_FLAGS)).json
+	$(BIN)/python benchmarks/finetune_speed.py $(BENCH_FLAGS) | tee benchmarks/results/finetune_speed$(subst --,_,$(BENCH_FLAGS)).json
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -52,7 +52,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def test_same_seed_gives_identical_bytes_whatever_the_worker_count(builds):
     a, b = _files(builds["a"][0]), _files(builds["b"][0])
     assert sorted(a) == sorted(b)
-    assert len(a) == 64 + 48 + 16 + 16 + 3 + 3 + 1
+    assert len(a) == 64 + 16 + 48 + 16 + 16 + 4 + 3 + 1  # images, weak jsonl/vocab files, coco, summary
     for name in a:
         assert a[name] == b[name], name
 
@@ -70,6 +70,10 @@ def test_layout_counts_and_summary(builds):
     assert json.loads((out / "weak" / "vocab.json").read_text()) == list(CLASSES)
     noisy = _read_jsonl(out / "weak" / "labels.jsonl")
     assert len(noisy) == sizes["weak"]
+    heldout = _read_jsonl(out / "weak" / "heldout.jsonl")
+    assert len(heldout) == sizes["weak_heldout"]
+    assert not {r["image"] for r in heldout} & {r["image"] for r in noisy}
+    assert all((out / "weak" / r["image"]).is_file() for r in heldout)
     assert noisy[0]["image"] == "images/000000.png"
     for rec in noisy:
         assert set(rec) == {"image", "labels"}

@@ -147,3 +147,26 @@ def test_every_shipped_pretrain_config_loads():
     for path in sorted(CPU_PRETRAIN_CONFIG.parent.glob("*.yaml")):
         cfg = load_pretrain_config(path)
         assert cfg.model.backbone and cfg.solver.max_iters > 0, path
+
+
+def test_pretext_diagnostics_are_one_when_the_answer_is_known():
+    from predet.pretext import recall_at_iou, top1_accuracy
+
+    boxes = torch.tensor([[[0, 0, 10, 10.0], [5, 5, 30, 20.0]]])
+    assert recall_at_iou(boxes, boxes) == 1.0
+    assert recall_at_iou(boxes + torch.tensor([20.0, 0, 20, 0]), boxes) == 0.0
+    sim = torch.eye(4) + 0.1 * torch.rand(4, 4)
+    positive = torch.eye(4, dtype=torch.bool)
+    assert top1_accuracy(sim, positive) == 1.0
+    assert top1_accuracy(-sim, positive) == 0.0
+
+
+def test_pretext_diagnostics_are_logged_on_heldout_pairs(weak_set, tmp_path):
+    cfg = tiny_pretrain_config(weak_set, tmp_path / "run", 4, **{"data.val": weak_set / "heldout.jsonl",
+                                                                "train.eval_period": 2})
+    result = pretrain(cfg)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "pretext/crpn_recall@0.5" in r]
+    assert [r["iteration"] for r in records] == [2, 4]
+    for r in records:
+        assert 0.0 <= r["pretext/crpn_recall@0.5"] <= 1.0 and 0.0 <= r["pretext/nce_top1"] <= 1.0
+    assert result.iteration == 4

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from predet.config import ConfigError
@@ -114,8 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging() -> None:
+    """Info from the main process only; other ranks speak up for warnings."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     from predet.data.fashion_mnist import FashionMNISTNotFound
     from predet.data.weak import LabelFileError
     from predet.detection.datasets import AnnotationError

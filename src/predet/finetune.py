@@ -180,6 +180,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json lands in the run dir."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a COCO or LVIS json")
+    if cfg.init in ("scratch", "random") and cfg.model.norm == "frozen_bn":
+        raise ConfigError("init=scratch with model.norm=frozen_bn freezes random BN statistics: "
+                          "train from scratch with model.norm=syncbn (or gn, or bn on one process)")
+    train_cfg = dataclasses.replace(cfg.train, sync_bn=cfg.train.sync_bn or cfg.model.norm == "syncbn")
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     masks = cfg.model.arch == "mask_rcnn"
@@ -201,7 +205,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     hooks = [PeriodicEvaluation(val_set, cfg, cfg.train.eval_period)] if val_set and cfg.train.eval_period else []
     try:
         result = train(
-            detector, lambda start: iter(build_train_loader(train_set, cfg, start)), solver, cfg.train,
+            detector, lambda start: iter(build_train_loader(train_set, cfg, start)), solver, train_cfg,
             extra_state={"kind": "predet_finetune", "cat_ids": list(train_set.cat_ids),
                          "category_names": list(train_set.category_names)},
             param_groups=partial(param_groups, lr_mults=groups) if groups else None,

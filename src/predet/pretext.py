@@ -8,12 +8,16 @@ batch, is the most similar one a positive for q?).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torchvision.ops import box_iou
 
 from predet.models.contrastive import pairwise_iou
 from predet.engine.trainer import move_to_device
 from predet.models.crpn import query_proposals
+
+logger = logging.getLogger(__name__)
 
 
 def recall_at_iou(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
@@ -91,3 +95,5 @@ class PretextDiagnosticsHook:
             result = self.run(state.model, state.device)
             state.metrics.update(result)
             state.writer.write({"iteration": state.iteration, **result})
+            logger.info("iter %d  pretext on held-out pairs: %s", state.iteration,
+                        "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in result.items()))

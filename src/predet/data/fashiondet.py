@@ -6,13 +6,14 @@ photographs bundled with scikit-image. Two products:
 * ``weak/``: pre-training canvases from Fashion-MNIST *train* garments with noisy image-level
   tags (each true tag dropped with ``drop_p``; with ``add_p`` one absent class added).
   ``labels.jsonl`` holds the noisy tags, ``clean_labels.jsonl`` the true ones plus the source
-  garment indices, ``vocab.json`` the class names.
+  garment indices, ``vocab.json`` the class names; ``heldout.jsonl`` lists extra canvases
+  (``weak/heldout/``) that pre-training never sees, for the pretext diagnostics.
 * ``det/``: COCO-format train / val / test splits from Fashion-MNIST *test* garments, with
   tight boxes and RLE masks. The 10k test garments are partitioned first, so no garment is in
   two splits; every annotation records its garment as ``fmnist_index``.
 
-Sizes (canvases): ``tiny`` weak 64, det 48/16/16; ``small`` weak 6000, det 2000/300/500;
-``full`` weak 60000 (as many canvases as train garments), det 4000/1000/2000. Garments for each
+Sizes (canvases): ``tiny`` weak 64 (+16 held out), det 48/16/16; ``small`` weak 6000 (+200),
+det 2000/300/500; ``full`` weak 60000 (+1000) (as many canvases as train garments), det 4000/1000/2000. Garments for each
 product are drawn by walking reshuffled passes over its pool, so every garment is used before
 any is reused.
 
@@ -38,9 +39,9 @@ from predet.data.fashion_mnist import CLASSES, FashionMNISTNotFound, find_fashio
 
 FORMAT_VERSION = 1
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"weak": 64, "det": {"train": 48, "val": 16, "test": 16}},
-    "small": {"weak": 6000, "det": {"train": 2000, "val": 300, "test": 500}},
-    "full": {"weak": 60000, "det": {"train": 4000, "val": 1000, "test": 2000}},
+    "tiny": {"weak": 64, "weak_heldout": 16, "det": {"train": 48, "val": 16, "test": 16}},
+    "small": {"weak": 6000, "weak_heldout": 200, "det": {"train": 2000, "val": 300, "test": 500}},
+    "full": {"weak": 60000, "weak_heldout": 1000, "det": {"train": 4000, "val": 1000, "test": 2000}},
 }
 DET_SPLITS = ("train", "val", "test")
 MAX_GARMENTS = 6
@@ -69,7 +70,7 @@ BACKGROUND_NAMES = (
     "text",
 )
 # Sub-stream ids: spawn_key (stream, 0) plans a product, (stream, 1, i) renders its canvas i.
-STREAMS = {"partition": 0, "weak": 1, "det/train": 2, "det/val": 3, "det/test": 4}
+STREAMS = {"partition": 0, "weak": 1, "det/train": 2, "det/val": 3, "det/test": 4, "weak/heldout": 5}
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -330,11 +331,12 @@ def _run_tasks(tasks: list[Task], renderer, pool, seed: int, desc: str, progress
     return list(results)
 
 
-def _weak_tasks(out: Path, seed: int, n_garments: int, count: int, canvas: int, drop_p: float, add_p: float):
-    stream = STREAMS["weak"]
+def _weak_tasks(out: Path, seed: int, n_garments: int, count: int, canvas: int, drop_p: float, add_p: float,
+                split: str = "weak", folder: str = "images"):
+    stream = STREAMS[split]
     plans = plan_canvases(_rng(seed, stream, 0), np.arange(n_garments), count)
     return [
-        Task("weak", str(out / "images" / f"{i:06d}.png"), (stream, 1, i), g, canvas, drop_p, add_p)
+        Task("weak", str(out / folder / f"{i:06d}.png"), (stream, 1, i), g, canvas, drop_p, add_p)
         for i, g in enumerate(plans)
     ]
 
@@ -411,7 +413,11 @@ def build_fashiondet(
 
     weak_dir, det_dir = out / "weak", out / "det"
     (weak_dir / "images").mkdir(parents=True)
+    (weak_dir / "heldout").mkdir(parents=True)
     weak_tasks = _weak_tasks(weak_dir, seed, n_train, sizes["weak"], canvas, drop_p, add_p)
+    # Held-out canvases, never trained on: the pretext diagnostics are measured on them.
+    heldout_tasks = _weak_tasks(weak_dir, seed, n_train, sizes["weak_heldout"], canvas, drop_p, add_p,
+                                "weak/heldout", "heldout")
     pools = partition_pool(_rng(seed, STREAMS["partition"], 0), n_test, sizes["det"])
     det_tasks = {}
     for split in DET_SPLITS:
@@ -423,7 +429,7 @@ def build_fashiondet(
             for i, g in enumerate(plans)
         ]
 
-    total = len(weak_tasks) + sum(len(t) for t in det_tasks.values())
+    total = len(weak_tasks) + len(heldout_tasks) + sum(len(t) for t in det_tasks.values())
     if workers is None:
         workers = 1 if total < 500 else min(os.cpu_count() or 1, 8)
     pool = None
@@ -433,6 +439,7 @@ def build_fashiondet(
         pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(fmnist_dir), seed))
     try:
         weak_results = _run_tasks(weak_tasks, renderer, pool, seed, "weak", progress)
+        heldout_results = _run_tasks(heldout_tasks, renderer, pool, seed, "weak/heldout", progress)
         det_results = {s: _run_tasks(det_tasks[s], renderer, pool, seed, f"det/{s}", progress) for s in DET_SPLITS}
     finally:
         if pool is not None:
@@ -443,6 +450,8 @@ def build_fashiondet(
     _write_jsonl(weak_dir / "labels.jsonl", noisy)
     _write_jsonl(weak_dir / "clean_labels.jsonl", clean)
     _write_json(weak_dir / "vocab.json", list(CLASSES))
+    heldout, _, heldout_stats = _weak_records(heldout_tasks, heldout_results, weak_dir)
+    _write_jsonl(weak_dir / "heldout.jsonl", heldout)
     (det_dir / "annotations").mkdir(parents=True)
     det_stats = {}
     for split in DET_SPLITS:
@@ -467,6 +476,7 @@ def build_fashiondet(
         "backgrounds": list(BACKGROUND_NAMES),
         "classes": list(CLASSES),
         "weak": weak_stats,
+        "weak_heldout": {"images": heldout_stats["images"], "garments": heldout_stats["garments"]},
         "det": det_stats,
     }
     _write_json(out / "fashiondet.json", record)
@@ -477,6 +487,7 @@ def build_fashiondet(
         "weak_labels": str(weak_dir / "labels.jsonl"),
         "weak_clean_labels": str(weak_dir / "clean_labels.jsonl"),
         "weak_vocab": str(weak_dir / "vocab.json"),
+        "weak_heldout": str(weak_dir / "heldout.jsonl"),
         "det_images": str(det_dir / "images"),
         "det_annotations": {s: str(det_dir / "annotations" / f"{s}.json") for s in DET_SPLITS},
         "fashion_mnist": str(fmnist_dir),
