@@ -28,11 +28,10 @@ fashion-mnist:
 test: setup fashion-mnist
 	$(BIN)/python -m pytest -q
 
-$(DATA)/fashiondet.json: | setup fashion-mnist
-	$(BIN)/predet data fashiondet --out $(DATA) --size small
-
-demo: setup fashion-mnist $(DATA)/fashiondet.json
-	$(BIN)/predet pretrain --config configs/pretrain/fashiondet_r18_cpu.yaml
+# DEMO_SIZE=tiny runs the same steps as a one-minute smoke test (in its own folders).
+DEMO_SIZE ?= small
+demo: setup fashion-mnist
+	$(BIN)/predet demo --size $(DEMO_SIZE) $(if $(filter tiny,$(DEMO_SIZE)),--out runs/demo_tiny --data data/fashiondet_tiny)
 
 # BENCH_FLAGS=--quick for a minute each; the JSON each prints is what benchmarks/results/ keeps.
 BENCH_FLAGS ?=

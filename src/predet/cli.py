@@ -50,6 +50,14 @@ def cmd_export(args) -> None:
         print(f"wrote {path}")
 
 
+def cmd_demo(args) -> None:
+    from predet.demo import run_demo
+
+    result = run_demo(args.out, args.data, args.size, args.seed, progress=not args.no_progress)
+    print(result.table)
+    print(f"AP against fine-tuning iterations: {result.plot}")
+
+
 def format_metrics(metrics: dict) -> str:
     """AP figures in percent, as papers print them."""
     keys = [k for k in metrics if "/AP" in k]
@@ -67,6 +75,38 @@ def cmd_data_shards(args) -> None:
 
     paths = write_webdataset_shards(args.labels, args.out, shard_size=args.shard_size)
     print(f"wrote {len(paths)} shard(s) to {args.out}")
+
+
+def cmd_sweep(args) -> int:
+    from predet.sweep import parse_grid_args, sweep
+
+    summary = sweep(args.config, parse_grid_args(args.grid), seeds=args.seeds, metric=args.metric,
+                    out_dir=args.out, overrides=args.overrides, launcher=args.launcher, nproc=args.nproc,
+                    slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
+                    gpus_per_node=args.gpus_per_node)
+    return 1 if any(r["status"] == "failed" for r in summary["runs"]) else 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from predet.report import paper_report, parse_labels, write_report
+
+    if args.paper:
+        print(paper_report())
+    if not args.dirs:
+        if args.paper:
+            return 0
+        raise ConfigError("give the run or sweep folders to report on (or --paper)")
+    out = args.out or str(Path(args.dirs[0]) / "report")
+    try:
+        written = write_report(args.dirs, out, split=args.metric_split, labels=parse_labels(args.label))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(written["text"])
+    for path in [written["markdown"], written["csv"], *written["plots"]]:
+        print(f"wrote {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"],
                    help="detector layout for a pre-training checkpoint")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("sweep", help="grid search of fine-tuning settings x seeds; resumable; best setting on val",
+                         description="Fine-tune + evaluate every grid point x seed, each in OUT/<settings>/seed<k>. "
+                                     "Put key=value overrides for every run before --grid or after '--'.")
+    _add_config_args(p)
+    p.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2|NAME",
+                   help="lr, gamma, lr_mf, schedule, init, wd or any dotted key; or a named grid "
+                        "of the supplement: table1, small_data")
+    p.add_argument("--seeds", type=int, default=3, help="runs per grid point (train.seed 0..N-1)")
+    p.add_argument("--metric", default="bbox/AP", help="validation metric that picks the best setting")
+    p.add_argument("--out", default="runs/sweep", help="sweep folder")
+    p.add_argument("--launcher", default="local", choices=["local", "torchrun", "submitit"])
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run with torchrun")
+    p.add_argument("--slurm-partition", default="", help="submitit: SLURM partition")
+    p.add_argument("--slurm-time", type=int, default=1440, help="submitit: time limit per run, minutes")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="submitit: GPUs (and processes) per run")
+    p.set_defaults(func=cmd_sweep)
+
+    p = verbs.add_parser("report", help="tables (as the supplement's Tables 3/4) and AP curves from run folders")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="run or sweep folders (searched recursively)")
+    p.add_argument("--out", default=None, help="output folder (default: DIR/report of the first DIR)")
+    p.add_argument("--metric-split", default="test", choices=["test", "val"], help="split the table shows")
+    p.add_argument("--label", action="append", default=[], metavar="DIR=NAME",
+                   help="pre-training name for the runs under DIR (or with init DIR); repeatable")
+    p.add_argument("--paper", action="store_true", help="print the supplement's Tables 3 and 4")
+    p.set_defaults(func=cmd_report)
+
+    p = verbs.add_parser("demo", help="FashionDet end to end on a CPU: data, pre-training, fine-tuning, table")
+    p.add_argument("--size", default="small", choices=["tiny", "small"], help="tiny: a smoke test in a minute")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--data", default="data/fashiondet", help="FashionDet folder (built when missing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     data = verbs.add_parser("data", help="prepare data sets")
     kinds = data.add_subparsers(dest="kind", required=True)

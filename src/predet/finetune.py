@@ -211,6 +211,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             param_groups=partial(param_groups, lr_mults=groups) if groups else None,
             hooks=hooks, config_dict=to_dict(cfg),
         )
+        results_path = run_dir / "results.json"
+        done = json.loads(results_path.read_text()) if results_path.exists() else {}
+        if done.get("iteration") == result.iteration:  # a resumed run that had already finished
+            return FinetuneResult(result, done, results_path)
         results = {"iteration": result.iteration, "init": cfg.init, "schedule": cfg.schedule,
                    "solver": to_dict(solver), "train_data": train_set.stats}
         if is_main_process():
@@ -223,10 +227,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 record_evaluation(run_dir, result.iteration, split, metrics)
             if cfg.eval.visualize and val_set is not None:
                 visualize(detector, val_set, cfg.eval.visualize, run_dir / "visualize", device)
-            write_results_json(results, run_dir / "results.json")
+            write_results_json(results, results_path)
     finally:
         cleanup()
-    return FinetuneResult(result, results, run_dir / "results.json")
+    return FinetuneResult(result, results, results_path)
 
 
 def _test_set(cfg: FinetuneConfig, masks: bool):

@@ -67,14 +67,14 @@ def _split_values(text: str) -> list[str]:
     return [v.strip() for v in out if v.strip()]
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def parse_value(key: str, text: str) -> Any:
     """YAML-parse one grid value as an override would be; ``5e-5`` counts as a number."""
     _, value = parse_override(f"{key}={text}")
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
     return value
 
 
@@ -158,7 +158,7 @@ def _format_number(value: float | int) -> str:
 
 
 def _clean(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "none"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "none"
 
 
 def _name_part(key: str, value: Any) -> str:
@@ -335,7 +335,7 @@ def wait_submitit(job) -> dict:
 # --------------------------------------------------------------------------- results
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample std (ddof=1); the std of a single value is None, not 0."""
     if not values:
         return None, None
@@ -360,12 +360,12 @@ def aggregate_settings(rows: list[dict]) -> list[dict]:
         done = [r for r in group if r.get("status") == "done"]
         entry = {"name": name, "settings": group[0]["settings"], "runs": len(group), "done": len(done)}
         for split in ("val", "test"):
-            keys = sorted({k for r in done for k in (r.get(split) or {})})
+            keys = sorted({k for r in done for k in (r.get(split) or {}) if "/" in k})
             stats = {}
             for key in keys:
                 values = [v for v in (_metric(r, split, key) for r in done) if v is not None]
                 if values:
-                    mean, std = _mean_std(values)
+                    mean, std = mean_std(values)
                     stats[key] = {"mean": mean, "std": std, "n": len(values)}
             entry[split] = stats
         out.append(entry)
@@ -394,7 +394,7 @@ def write_summary(out_dir: Path, info: dict, rows: list[dict], metric: str) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     setting_keys = list(dict.fromkeys(k for r in rows for k in r["settings"]))
-    metric_keys = {s: sorted({k for r in rows for k in (r.get(s) or {})}) for s in ("val", "test")}
+    metric_keys = {s: sorted({k for r in rows for k in (r.get(s) or {}) if "/" in k}) for s in ("val", "test")}
     header = (["name", "seed", "status", *setting_keys]
               + [f"{s}/{k}" for s in ("val", "test") for k in metric_keys[s]]
               + ["seconds", "run_dir", "error"])
@@ -435,7 +435,10 @@ def _progress_line(i: int, total: int, row: dict, metric: str) -> str:
     value = _metric(row, "val", metric)
     score = f" {metric} {100 * value:.1f}" if value is not None else f" (no val {metric})"
     if row["status"] == "done" and row.get("skipped"):
-        return head + "finished earlier, skipped" + score
+        drift = row.get("drift") or []
+        note = (f" — WARNING: its saved config differs from this sweep's ({'; '.join(drift[:3])}"
+                f"{'; ...' if len(drift) > 3 else ''}); delete the folder to redo it") if drift else ""
+        return head + "finished earlier, skipped" + score + note
     if row["status"] == "done":
         resumed = f" (resumed from iteration {row['resumed_from']})" if row.get("resumed_from") is not None else ""
         return head + "done" + resumed + score + f" ({row['seconds']:.0f} s)"
@@ -447,24 +450,11 @@ def _progress_line(i: int, total: int, row: dict, metric: str) -> str:
 # --------------------------------------------------------------------------- sweep
 
 
-def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "bbox/AP",
-          out_dir: str | Path = "runs/sweep", overrides: Iterable[str] = (), launcher: str = "local",
-          nproc: int = 1, echo: Callable[[str], None] | None = print, **launcher_opts) -> dict:
-    """Fine-tune and evaluate every grid point × seed; returns (and writes) the summary.
-
-    ``launcher``: ``local`` (one process per run, one run after another), ``torchrun``
-    (``nproc`` processes per run) or ``submitit`` (every pending run a SLURM job; options
-    ``slurm_partition``, ``slurm_time`` in minutes, ``gpus_per_node``). Runs already finished
-    are skipped; interrupted ones resume from their checkpoint; failures are recorded in the
-    summary and do not stop the other runs.
-    """
-    from predet.finetune import FinetuneConfig, load_finetune_config
+def check_inputs(config, grid: dict, overrides: list[str]) -> dict:
+    """Fail before any run starts on what would fail every run: bad keys, a broken base config."""
     from predet.config import valid_keys
+    from predet.finetune import FinetuneConfig, load_finetune_config
 
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
-    echo = echo or (lambda _text: None)
-    overrides = list(overrides)
     grid = normalize_grid(grid)
     for text in overrides:
         if ".".join(parse_override(text)[0]) in SWEEP_OWNED_KEYS:
@@ -474,65 +464,116 @@ def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "
         if key not in keys:
             raise ConfigError(f"unknown grid key {key!r}; short names: {', '.join(SHORT_KEYS)}; "
                               f"config keys: {', '.join(sorted(keys))}")
-    load_finetune_config(config, overrides)  # a broken base config would fail every run: fail now
-    out_dir = Path(out_dir)
-    runs = plan_runs(grid, seeds, out_dir)
-    info = {"config": str(config) if config else None, "overrides": overrides, "grid": grid,
-            "seeds": int(seeds), "launcher": launcher, "out_dir": str(out_dir)}
+    load_finetune_config(config, overrides)
+    return grid
 
-    rows, pending = [], []
-    for run in runs:
-        run_dir = Path(run["run_dir"])
-        results = _read_results(run_dir)
-        row = {**run, "status": "pending", "skipped": False, "resumed_from": None, "seconds": None,
-               "returncode": None, "error": "", "val": {}, "test": {}}
-        if results is not None:
-            row.update(status="done", skipped=True, val=results.get("val", {}), test=results.get("test", {}))
-        else:
-            row["resumed_from"] = _checkpoint_iteration(run_dir)
-            pending.append(row)
-        rows.append(row)
-    write_summary(out_dir, info, rows, metric)
-    total = len(rows)
-    index = {id(r): i + 1 for i, r in enumerate(rows)}
-    for row in rows:
-        if row["skipped"]:
-            echo(_progress_line(index[id(row)], total, row, metric))
 
-    def run_args(row):
+def config_drift(run: dict, config, overrides: list[str]) -> list[str]:
+    """How a finished run's saved config differs from what this sweep would run now.
+
+    A finished run is never redone, so a changed override (a longer schedule, other data)
+    would silently mix old results in; the progress line says so instead.
+    """
+    import yaml
+
+    from predet.config import to_dict
+    from predet.engine.trainer import config_differences
+    from predet.finetune import load_finetune_config
+
+    saved = Path(run["run_dir"]) / "config.yaml"
+    if not saved.is_file():
+        return []
+    try:
+        now = to_dict(load_finetune_config(config, run_overrides(run, overrides, resume=False)))
+        return config_differences(yaml.safe_load(saved.read_text()) or {}, now)
+    except (ConfigError, ValueError, OSError):
+        return []
+
+
+def _initial_row(run: dict, config, overrides: list[str]) -> dict:
+    """A planned run as found on disk: finished (skipped), interrupted (to resume) or new."""
+    row = {**run, "status": "pending", "skipped": False, "resumed_from": None, "seconds": None,
+           "returncode": None, "error": "", "val": {}, "test": {}, "drift": []}
+    results = _read_results(Path(run["run_dir"]))
+    if results is not None:
+        row.update(status="done", skipped=True, val=results.get("val", {}), test=results.get("test", {}),
+                   drift=config_drift(run, config, overrides))
+    else:
+        row["resumed_from"] = _checkpoint_iteration(Path(run["run_dir"]))
+    return row
+
+
+def _launch_all(pending: list[dict], config, overrides: list[str], launcher: str, nproc: int,
+                out_dir: Path, echo, opts: dict):
+    """The launcher outcomes of ``pending``, in order, each as soon as it is known."""
+    def args(row):
         return run_overrides(row, overrides, resume=row["resumed_from"] is not None)
 
-    if launcher == "submitit":
-        gpus = int(launcher_opts.get("gpus_per_node", 1))
-        procs = max(int(nproc), gpus)
-        cmds = [finetune_command(config, run_args(r), "torchrun" if procs > 1 else "local", procs) for r in pending]
-        jobs = submit_submitit(cmds, [Path(r["run_dir"]) for r in pending],
-                               launcher_opts.get("folder") or out_dir / ".submitit",
-                               launcher_opts.get("slurm_partition", ""), launcher_opts.get("slurm_time", 1440), gpus)
-        for row, job in zip(pending, jobs):
-            row.update(status="submitted", job_id=str(getattr(job, "job_id", "")))
-        if jobs:
-            echo(f"submitted {len(jobs)} job(s): {', '.join(r['job_id'] for r in pending)}")
-        write_summary(out_dir, info, rows, metric)
-        outcomes = (wait_submitit(job) for job in jobs)
-    elif launcher == "torchrun":
-        outcomes = (launch_torchrun(config, run_args(r), r["run_dir"], nproc) for r in pending)
-    else:
-        outcomes = (launch_local(config, run_args(r), r["run_dir"]) for r in pending)
+    if launcher == "local":
+        return (launch_local(config, args(r), r["run_dir"]) for r in pending)
+    if launcher == "torchrun":
+        return (launch_torchrun(config, args(r), r["run_dir"], nproc) for r in pending)
+    gpus = int(opts.get("gpus_per_node", 1))
+    procs = max(int(nproc), gpus)  # one process per GPU of the job's node
+    cmds = [finetune_command(config, args(r), "torchrun" if procs > 1 else "local", procs) for r in pending]
+    jobs = submit_submitit(cmds, [Path(r["run_dir"]) for r in pending], opts.get("folder") or out_dir / ".submitit",
+                           opts.get("slurm_partition", ""), opts.get("slurm_time", 1440), gpus)
+    for row, job in zip(pending, jobs):
+        row.update(status="submitted", job_id=str(getattr(job, "job_id", "")))
+    if jobs:
+        echo(f"submitted {len(jobs)} SLURM job(s): {', '.join(r['job_id'] for r in pending)}; waiting")
+    return (wait_submitit(job) for job in jobs)
 
+
+def _closing_lines(summary: dict, metric: str) -> list[str]:
+    best, rows = summary["best"], summary["runs"]
+    lines = []
+    if best:
+        spread = f" ± {100 * best['std']:.1f}" if best["std"] is not None else ""
+        lines.append(f"best on val ({metric}, mean over {best['val'][metric]['n']} seed(s)): {best['name']} "
+                     f"{100 * best['mean']:.1f}{spread}")
+    failed = sum(r["status"] == "failed" for r in rows)
+    if failed:
+        lines.append(f"{failed} of {len(rows)} run(s) failed; run the same command again to retry them")
+    out = Path(summary["out_dir"])
+    lines.append(f"summary: {out / 'summary.json'}, {out / 'summary.csv'}")
+    return lines
+
+
+def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "bbox/AP",
+          out_dir: str | Path = "runs/sweep", overrides: Iterable[str] = (), launcher: str = "local",
+          nproc: int = 1, echo: Callable[[str], None] | None = print, **launcher_opts) -> dict:
+    """Fine-tune and evaluate every grid point × seed; returns (and writes) the summary.
+
+    ``launcher``: ``local`` (one process per run, one run after another), ``torchrun``
+    (``nproc`` processes per run) or ``submitit`` (every pending run a SLURM job; options
+    ``slurm_partition``, ``slurm_time`` in minutes, ``gpus_per_node``). Runs already finished
+    are skipped; interrupted ones resume from their checkpoint; failures are recorded in the
+    summary (rewritten after every run) and do not stop the other runs.
+    """
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    echo = echo or (lambda _text: None)
+    overrides = list(overrides)
+    grid = check_inputs(config, grid, overrides)
+    out_dir = Path(out_dir)
+    info = {"config": str(config) if config else None, "overrides": overrides, "grid": grid,
+            "seeds": int(seeds), "launcher": launcher, "out_dir": str(out_dir)}
+    rows = [_initial_row(run, config, overrides) for run in plan_runs(grid, seeds, out_dir)]
+    position = {id(r): i + 1 for i, r in enumerate(rows)}
+    write_summary(out_dir, info, rows, metric)
+    for row in rows:
+        if row["skipped"]:
+            echo(_progress_line(position[id(row)], len(rows), row, metric))
+
+    pending = [r for r in rows if not r["skipped"]]
+    outcomes = _launch_all(pending, config, overrides, launcher, nproc, out_dir, echo, launcher_opts)
     for row, outcome in zip(pending, outcomes):
         _finish_row(row, outcome)
-        echo(_progress_line(index[id(row)], total, row, metric))
+        echo(_progress_line(position[id(row)], len(rows), row, metric))
         write_summary(out_dir, info, rows, metric)
 
     summary = write_summary(out_dir, info, rows, metric)
-    failed = [r for r in rows if r["status"] == "failed"]
-    best = summary["best"]
-    if best:
-        spread = f" ± {100 * best['std']:.1f}" if best["std"] is not None else ""
-        echo(f"best on val ({metric}, mean over {best['val'][metric]['n']} seed(s)): {best['name']} "
-             f"{100 * best['mean']:.1f}{spread}")
-    if failed:
-        echo(f"{len(failed)} of {total} run(s) failed; run the same command again to retry them")
-    echo(f"summary: {out_dir / 'summary.json'}, {out_dir / 'summary.csv'}")
+    for line in _closing_lines(summary, metric):
+        echo(line)
     return summary
