@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DATA ?= data/fashiondet
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup fashion-mnist test demo bench clean
+.PHONY: setup fashion-mnist test demo bench bench-fashiondet clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ BENCH_FLAGS ?=
 bench: setup fashion-mnist
 	$(BIN)/python benchmarks/pretrain_speed.py $(BENCH_FLAGS) | tee benchmarks/results/pretrain_speed$(subst --,_,$(BENCH_FLAGS)).json
 	$(BIN)/python benchmarks/finetune_speed.py $(BENCH_FLAGS) | tee benchmarks/results/finetune_speed$(subst --,_,$(BENCH_FLAGS)).json
+
+# The FashionDet benchmark (issue: does PreDet pay off?): pre-training variants, lr/gamma/lr_mf
+# chosen on val, 3 seeds on test, report + answers under benchmarks/results/fashiondet/.
+bench-fashiondet: setup fashion-mnist
+	$(BIN)/python benchmarks/fashiondet_benchmark.py $(BENCH_FASHIONDET_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

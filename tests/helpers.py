@@ -87,3 +87,14 @@ def tiny_finetune_overrides(fashiondet: Path, run_dir: Path, init: str, iters: i
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+class CrashAt:
+    """A hook that kills a run at a given iteration, after the trainer saved its checkpoints."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_step(self, state):
+        if state.iteration == self.iteration:
+            raise KeyboardInterrupt("simulated crash")

@@ -43,6 +43,8 @@ from predet.engine import (
 )
 from predet.engine.checkpoint import write_last_checkpoint
 
+from helpers import CrashAt
+
 
 # ----------------------------------------------------------------------------- toy problem
 
@@ -96,17 +98,6 @@ def train_cfg(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
                 progress=False, seed=3)
     base.update(kw)
     return TrainConfig(**base)
-
-
-class CrashAt:
-    """Simulates a crash right after the periodic checkpoint of ``iteration``."""
-
-    def __init__(self, iteration: int):
-        self.iteration = iteration
-
-    def after_step(self, state):
-        if state.iteration == self.iteration:
-            raise RuntimeError("simulated crash")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -279,7 +270,7 @@ def test_resume_is_bit_exact(tmp_path):
 
     crashed = new_model()
     cfg = train_cfg(tmp_path, "crashed")
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         train(crashed, make_loader, solver, cfg, hooks=[CrashAt(20)])
     assert latest_checkpoint(cfg.run_dir).name == "checkpoint_0000020.pth"
 

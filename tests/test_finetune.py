@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
+from helpers import CPU_FINETUNE_CONFIG, CrashAt, tiny_finetune_overrides
 from predet.cli import main as cli_main
 from predet.config import ConfigError
 from predet.detection.models import DetectorConfig, build_detector
@@ -86,14 +86,6 @@ def test_cli_finetune_eval_export_end_to_end(fashiondet_tiny, pretrain_checkpoin
     assert torch.equal(exported["backbone.fpn.inner_blocks.0.0.weight"], weights["backbone.fpn.inner_blocks.0.0.weight"])
     assert list((tmp_path / "export").glob("*-detectron2.pkl"))
 
-
-class CrashAt:
-    def __init__(self, iteration):
-        self.iteration = iteration
-
-    def after_step(self, state):
-        if state.iteration == self.iteration:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def test_finetune_resume_equals_uninterrupted(fashiondet_tiny, pretrain_checkpoint, tmp_path, monkeypatch):

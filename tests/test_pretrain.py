@@ -17,7 +17,7 @@ from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
 from predet.engine.metrics import read_metrics
 from predet.pretrain import load_pretrain_config, pretrain
 
-from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_config, tiny_pretrain_overrides
+from helpers import CPU_PRETRAIN_CONFIG, CrashAt, tiny_pretrain_config, tiny_pretrain_overrides
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +41,6 @@ def test_training_lowers_the_loss(weak_set, tmp_path):
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt["extra_state"]["vocab"] == json.loads((weak_set / "vocab.json").read_text())
 
-
-class CrashAt:
-    def __init__(self, iteration):
-        self.iteration = iteration
-
-    def after_step(self, state):
-        if state.iteration == self.iteration:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(weak_set, tmp_path, monkeypatch):
