@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from predet.data.fashiondet import build_fashiondet
+from predet.demo import is_current_build
 from predet.pretrain import load_pretrain_config, pretrain
 from predet.report import write_report
 from predet.sweep import parse_grid_args, sweep
@@ -127,8 +128,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.time()
     out, data, results = Path(args.out), Path(args.data), Path(args.results)
-    if not (data / "fashiondet.json").exists():
-        build_fashiondet(data, size="small", seed=0)
+    if not is_current_build(data):
+        build_fashiondet(data, size="small", seed=0, overwrite=True)
     inits = pretrain_variants(out, data, args.pretrain)
     chosen = choose_settings(out, inits, parse_grid_args(args.grid), data_overrides(data, False) + args.finetune)
     dirs = final_runs(out, inits, chosen, args.seeds, data_overrides(data, True) + args.finetune)

@@ -50,8 +50,8 @@ CPU_FINETUNE_CONFIG = CONFIGS / "finetune" / "fashiondet_r18_cpu.yaml"
 def tiny_pretrain_overrides(weak: Path, run_dir: Path, iters: int, **extra) -> list[str]:
     """The shipped CPU config, shrunk: the same code path on a 64 px, 4-image problem."""
     items = {
-        "data.train": weak / "labels.jsonl", "data.vocab": weak / "vocab.json",
-        "data.views.size": 64, "data.views.num_queries": 4, "data.views.min_query_px": 6,
+        "data.train": weak / "labels.jsonl", "data.vocab": weak / "vocab.json", "data.val": "",
+        "train.eval_period": 0, "data.views.size": 64, "data.views.num_queries": 4, "data.views.min_query_px": 6,
         "model.fpn_channels": 32, "model.box_head_dim": 64, "model.crpn_hidden": 32,
         "model.anchor_sizes": "[8,16,32,64,128]", "model.crpn_anchors_per_query": 64,
         "model.pre_nms_top_n": 32, "model.post_nms_top_n": 8, "model.rois_per_query": 4,

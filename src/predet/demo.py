@@ -8,11 +8,12 @@ where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from predet.data.fashiondet import build_fashiondet
+from predet.data.fashiondet import FORMAT_VERSION, build_fashiondet
 from predet.finetune import finetune, load_finetune_config
 from predet.pretrain import load_pretrain_config, pretrain
 from predet.report import write_report
@@ -48,6 +49,12 @@ PROFILES = {
 }
 
 
+def is_current_build(data: Path) -> bool:
+    """A finished FashionDet build in this builder's format (older ones lack the held-out set)."""
+    summary = data / "fashiondet.json"
+    return summary.exists() and json.loads(summary.read_text()).get("format_version") == FORMAT_VERSION
+
+
 @dataclass
 class DemoResult:
     table: str
@@ -63,9 +70,9 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/fashiondet"
         raise ValueError(f"demo size must be one of {sorted(PROFILES)}, got {size!r}")
     out, data = Path(out), Path(data)
     profile = PROFILES[size]
-    if not (data / "fashiondet.json").exists():
+    if not is_current_build(data):
         logger.info("building FashionDet (%s) in %s", size, data)
-        build_fashiondet(data, size=size, seed=seed, progress=progress, overwrite=False)
+        build_fashiondet(data, size=size, seed=seed, progress=progress, overwrite=True)
     weak, det = data / "weak", data / "det"
     common = [f"train.seed={seed}", f"train.progress={str(progress).lower()}", "train.resume=true"]
 

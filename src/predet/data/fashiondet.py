@@ -37,7 +37,7 @@ from PIL import Image
 
 from predet.data.fashion_mnist import CLASSES, FashionMNISTNotFound, find_fashion_mnist, load_fashion_mnist
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds weak/heldout
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"weak": 64, "weak_heldout": 16, "det": {"train": 48, "val": 16, "test": 16}},
     "small": {"weak": 6000, "weak_heldout": 200, "det": {"train": 2000, "val": 300, "test": 500}},
