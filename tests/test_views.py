@@ -55,3 +55,12 @@ def test_query_sizes_and_aspects_follow_config():
     aspect = (w / h).numpy()
     assert aspect.min() >= 1 / 3 - 1e-3 and aspect.max() <= 3 + 1e-3
     assert np.unique(np.round(w.numpy(), 3)).size > 32  # sizes vary
+
+
+def test_grayscale_views_keep_geometry_and_lose_colour():
+    cfg = ViewConfig(size=48, num_queries=3, grayscale_p=1.0)
+    out = make_two_views(smooth_image(2), 11, cfg)
+    for view in (out["view1"], out["view2"]):
+        assert torch.allclose(view[0], view[1], atol=1e-6) and torch.allclose(view[1], view[2], atol=1e-6)
+    plain = make_two_views(smooth_image(2), 11, ViewConfig(size=48, num_queries=3))
+    assert torch.equal(out["b1"], plain["b1"]) and torch.equal(out["b2"], plain["b2"])

@@ -64,7 +64,8 @@ class ViewConfig:
     min_query_px: float = 8.0  # smallest query side in view pixels
     flip_p: float = 0.5
     jitter: float = 0.4  # brightness/contrast/saturation strength; 0 disables jitter
-    hue: float = 0.1
+    hue: float = 0.1  # up to 0.5 (a full turn of the colour wheel)
+    grayscale_p: float = 0.0  # per view; colour alone can then no longer match a query
     max_tries: int = 20
 
 
@@ -147,6 +148,13 @@ def color_jitter(img: torch.Tensor, rng: np.random.Generator, strength: float, h
     return img.clamp_(0, 1)
 
 
+def photometric(img: torch.Tensor, rng: np.random.Generator, cfg: ViewConfig) -> torch.Tensor:
+    img = color_jitter(img, rng, cfg.jitter, cfg.hue)
+    if cfg.grayscale_p > 0 and rng.uniform() < cfg.grayscale_p:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    return img
+
+
 def make_two_views(image: Image.Image, seed: int, cfg: ViewConfig) -> dict:
     """Views, queries ``b1``/``b2`` (Q, 4 xyxy in each view) and both transforms."""
     rng = np.random.default_rng(seed)
@@ -158,8 +166,8 @@ def make_two_views(image: Image.Image, seed: int, cfg: ViewConfig) -> dict:
     # The smallest query must stay min_query_px wide in the view that magnifies least.
     min_side = cfg.min_query_px * max(t1.w, t1.h, t2.w, t2.h) / cfg.size
     queries = sample_queries(rng, _intersection(crop1, crop2), cfg.num_queries, cfg, min_side)
-    view1 = color_jitter(render_view(image, t1), rng, cfg.jitter, cfg.hue)
-    view2 = color_jitter(render_view(image, t2), rng, cfg.jitter, cfg.hue)
+    view1 = photometric(render_view(image, t1), rng, cfg)
+    view2 = photometric(render_view(image, t2), rng, cfg)
     return {
         "view1": view1,
         "view2": view2,
