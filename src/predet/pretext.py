@@ -15,7 +15,6 @@ from torchvision.ops import box_iou
 
 from predet.models.contrastive import pairwise_iou
 from predet.engine.trainer import move_to_device
-from predet.models.crpn import query_proposals
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +36,10 @@ def pretext_predictions(model, batch: dict) -> dict:
     n, q = b1.shape[:2]
     size = tuple(view1.shape[-2:])
     _, fpn = model.features(torch.cat([view1, view2]))
-    fpn1 = {k: v[:n] for k, v in fpn.items()}
-    fpn2 = {k: v[n:] for k, v in fpn.items()}
+    fpn1, fpn2 = model.split_views(fpn, n)
     z = model.embed_boxes(fpn1, b1, size)
-    trunk = model.crpn.trunk_features(list(fpn2.values()))
-    sw, sb, dw, db = model.crpn.dynamic_weights(z.view(n, q, -1))
-    scores = model.crpn.scores(trunk, sw, sb)
-    anchors = model.anchors(view2, fpn2)
-    cfg = model.cfg
-    boxes, _ = query_proposals(model.crpn, trunk, scores, dw, db, anchors, size, cfg.pre_nms_top_n, cfg.nms_thresh, 1)
+    trunk, dw, db, scores = model.query_scores(fpn2, z, n)
+    boxes, _ = model.proposals(trunk, dw, db, scores, model.anchors(view2, fpn2), size, 1)
     targets = model.embed_boxes(fpn2, b2, size)
     sim = model.roi_head.embed(z) @ model.roi_head.embed(targets).T
     image = torch.arange(n, device=b2.device).repeat_interleave(q)

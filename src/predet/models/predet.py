@@ -94,6 +94,21 @@ class PreDet(nn.Module):
         pooled = self.roi_align(fpn, list(boxes), [size] * boxes.shape[0])
         return self.box_head(pooled)
 
+    @staticmethod
+    def split_views(fpn: dict, n: int):
+        """FPN maps of the 2N-image batch -> (view 1 maps, view 2 maps)."""
+        return {k: v[:n] for k, v in fpn.items()}, {k: v[n:] for k, v in fpn.items()}
+
+    def query_scores(self, fpn2: dict, z: torch.Tensor, n: int):
+        """The CRPN on view 2 for query embeddings ``z`` (N*Q, D): trunk, delta weights, scores."""
+        trunk = self.crpn.trunk_features(list(fpn2.values()))
+        sw, sb, dw, db = self.crpn.dynamic_weights(z.view(n, -1, z.shape[-1]))
+        return trunk, dw, db, self.crpn.scores(trunk, sw, sb)
+
+    def proposals(self, trunk, dw, db, scores, anchors, size, top_n: int):
+        m = self.cfg
+        return query_proposals(self.crpn, trunk, scores, dw, db, anchors, size, m.pre_nms_top_n, m.nms_thresh, top_n)
+
     def forward(self, batch: dict) -> dict:
         lam = self.loss_cfg
         view1, view2 = batch["view1"], batch["view2"]
@@ -106,26 +121,20 @@ class PreDet(nn.Module):
             out["loss_cls"] = lam.lambda_cls * weak_label_loss(logits, targets, lam.cls_loss)
         if lam.lambda_rpn <= 0 and lam.lambda_roi <= 0:
             return out
-        fpn1 = {k: v[:n] for k, v in fpn.items()}
-        fpn2 = {k: v[n:] for k, v in fpn.items()}
+        fpn1, fpn2 = self.split_views(fpn, n)
         size = tuple(view1.shape[-2:])
-        b1, b2 = batch["b1"], batch["b2"]
-        q = b1.shape[1]
-        z = self.embed_boxes(fpn1, b1, size)  # (N*Q, D)
+        b2 = batch["b2"]
+        z = self.embed_boxes(fpn1, batch["b1"], size)  # (N*Q, D)
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and lam.lambda_rpn > 0):
-            trunk = self.crpn.trunk_features(list(fpn2.values()))
-            sw, sb, dw, db = self.crpn.dynamic_weights(z.view(n, q, -1))
-            scores = self.crpn.scores(trunk, sw, sb)
+            trunk, dw, db, scores = self.query_scores(fpn2, z, n)
             anchors = self.anchors(view2, fpn2)
             if lam.lambda_rpn > 0:
                 losses = self.crpn_loss(self.crpn, trunk, scores, dw, db, anchors, b2)
                 out.update({k: lam.lambda_rpn * v for k, v in losses.items()})
         if lam.lambda_roi > 0:
             m = self.cfg
-            proposals, valid = query_proposals(
-                self.crpn, trunk, scores, dw, db, anchors, size, m.pre_nms_top_n, m.nms_thresh, m.post_nms_top_n
-            )
+            proposals, valid = self.proposals(trunk, dw, db, scores, anchors, size, m.post_nms_top_n)
             rois, roi_image = sample_query_rois(proposals, valid, b2, m.rois_per_query, m.roi_pos_fraction, m.roi_pos_iou)
             # RoIs come grouped by image, the order MultiScaleRoIAlign concatenates them in.
             roi_boxes = [rois[roi_image == i] for i in range(n)]
