@@ -144,12 +144,13 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, formats=
                       arch: str = "mask_rcnn") -> list[Path]:
     """``predet export``: a pre-training checkpoint (its transferable parts) or a whole fine-tuned detector."""
     path = Path(checkpoint_path)
-    kind = load_checkpoint(path).get("extra_state", {}).get("kind")
+    checkpoint = load_checkpoint(path)
+    kind = checkpoint.get("extra_state", {}).get("kind")
     if kind != "predet_finetune":
         return export_pretrained(path, out_dir, formats, arch)
-    from predet.finetune import load_detector
+    from predet.finetune import detector_from_checkpoint
 
-    detector, cfg, _ = load_detector(path)
+    detector, cfg, _ = detector_from_checkpoint(checkpoint, path)
     out_dir = Path(out_dir)
     paths = []
     if "torchvision" in formats:

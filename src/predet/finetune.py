@@ -241,9 +241,13 @@ def _test_set(cfg: FinetuneConfig, masks: bool):
 
 def load_detector(checkpoint: str | Path):
     """A fine-tuned detector and its training config, from a checkpoint of ``predet finetune``."""
-    ckpt = load_checkpoint(checkpoint)
+    return detector_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+
+
+def detector_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint"):
+    """``load_detector`` for a checkpoint already read (so callers read the file once)."""
     if ckpt.get("extra_state", {}).get("kind") != "predet_finetune":
-        raise ValueError(f"{checkpoint}: not a predet finetune checkpoint (no extra_state.kind='predet_finetune')")
+        raise ValueError(f"{source}: not a predet finetune checkpoint (no extra_state.kind='predet_finetune')")
     cfg = from_dict(FinetuneConfig, ckpt["config"])
     detector = build_detector(cfg.model, num_classes=len(ckpt["extra_state"]["cat_ids"]))
     detector.load_state_dict(ckpt["model"])
