@@ -25,6 +25,7 @@ from predet.sweep import (
     select_best,
     sweep,
 )
+from predet import sweep as sweep_module
 
 PREDET_INIT = "runs/pretrain/predet_r18/checkpoints/model_final.pth"
 
@@ -239,6 +240,36 @@ def test_submitit_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)
     with pytest.raises(ConfigError, match="pip install submitit"):
         sweep(CPU_FINETUNE_CONFIG, {"lr": [0.01]}, seeds=1, out_dir=tmp_path, launcher="submitit", echo=None)
+
+
+def test_local_jobs_run_side_by_side_with_their_thread_budget(tmp_path, monkeypatch):
+    """--jobs 2: two runs overlap in time, each child sees OMP_NUM_THREADS, results keep grid order."""
+    import threading
+    import time as _time
+
+    spans, envs, lock = {}, {}, threading.Lock()
+
+    def fake_run_command(cmd, log_path, env=None):
+        start = _time.monotonic()
+        _time.sleep(0.3)
+        run_dir = Path(log_path).parent
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lr = float(run_dir.parent.name.removeprefix("lr"))
+        (run_dir / "results.json").write_text(json.dumps({"iteration": 1, "val": {"bbox/AP": lr}, "test": {}}))
+        with lock:
+            spans[run_dir.parent.name] = (start, _time.monotonic())
+            envs[run_dir.parent.name] = (env or {}).get("OMP_NUM_THREADS")
+        return {"returncode": 0, "seconds": 0.3, "error": ""}
+
+    monkeypatch.setattr(sweep_module, "run_command", fake_run_command)
+    summary = sweep(CPU_FINETUNE_CONFIG, {"lr": [0.01, 0.02, 0.03]}, seeds=1, out_dir=tmp_path, echo=None,
+                    jobs=2, threads=1)
+    (a0, a1), (b0, b1) = spans["lr0.01"], spans["lr0.02"]
+    assert a0 < b1 and b0 < a1, "the first two runs should overlap"
+    assert set(envs.values()) == {"1"}
+    assert [r["name"] for r in summary["runs"]] == ["lr0.01", "lr0.02", "lr0.03"]
+    assert all(r["status"] == "done" for r in summary["runs"]) and summary["best"]["name"] == "lr0.03"
+    assert sweep_module.thread_env(0) is None  # one job, no --threads: the child inherits everything
 
 
 # ---------------------------------------------------------------- report

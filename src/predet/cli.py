@@ -83,7 +83,7 @@ def cmd_sweep(args) -> int:
     summary = sweep(args.config, parse_grid_args(args.grid), seeds=args.seeds, metric=args.metric,
                     out_dir=args.out, overrides=args.overrides, launcher=args.launcher, nproc=args.nproc,
                     slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
-                    gpus_per_node=args.gpus_per_node)
+                    gpus_per_node=args.gpus_per_node, jobs=args.jobs, threads=args.threads)
     return 1 if any(r["status"] == "failed" for r in summary["runs"]) else 0
 
 
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweep", help="sweep folder")
     p.add_argument("--launcher", default="local", choices=["local", "torchrun", "submitit"])
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run with torchrun")
+    p.add_argument("--jobs", type=int, default=1, help="local: runs side by side (CPU machines)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="local: CPU threads per run (default: all, or the cores shared out among --jobs)")
     p.add_argument("--slurm-partition", default="", help="submitit: SLURM partition")
     p.add_argument("--slurm-time", type=int, default=1440, help="submitit: time limit per run, minutes")
     p.add_argument("--gpus-per-node", type=int, default=1, help="submitit: GPUs (and processes) per run")
