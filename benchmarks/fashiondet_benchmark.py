@@ -30,6 +30,7 @@ from pathlib import Path
 
 from predet.data.fashiondet import build_fashiondet
 from predet.demo import is_current_build
+from predet.pretext import weight_change
 from predet.report import write_report
 from predet.sweep import parse_grid_args, run_command, sweep, thread_env
 
@@ -161,6 +162,21 @@ def answers(out: Path, metric: str = "bbox/AP") -> dict:
     }
 
 
+def pretraining_diagnostics(out: Path) -> dict:
+    """Per pre-training: held-out pretext curves and how far each part moved from its init."""
+    result = {}
+    for name in VARIANTS:
+        run_dir = out / "pretrain" / name
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        result[name] = {
+            "pretext": [{"iteration": r["iteration"], **{k: v for k, v in r.items() if k.startswith("pretext/")}}
+                        for r in records if "pretext/nce_top1" in r],
+            "final_losses": next((r["losses"] for r in reversed(records) if "losses" in r), {}),
+            "weight_change": weight_change(run_dir / "checkpoints" / "model_final.pth"),
+        }
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench_fashiondet", help="run folders (resumable)")
@@ -198,7 +214,8 @@ def main(argv=None) -> int:
             shutil.copy(d / "selection.json", results / f"selection_{d.name}.json")
     summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hours": (time.time() - start) / 3600,
                "finetune_overrides": list(args.finetune), "pretrain_overrides": list(args.pretrain),
-               "chosen_settings": chosen, "bbox": answers(out), "mask": answers(out, "segm/AP")}
+               "chosen_settings": chosen, "bbox": answers(out), "mask": answers(out, "segm/AP"),
+               "pretraining": pretraining_diagnostics(out)}
     (results / "answers.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(paths["text"])
     print(json.dumps(summary, indent=1, default=str))

@@ -153,6 +153,20 @@ def test_pretext_diagnostics_are_one_when_the_answer_is_known():
     assert top1_accuracy(-sim, positive) == 0.0
 
 
+def test_weight_change_is_zero_without_updates_and_positive_after_training(weak_set, tmp_path):
+    """The rebuilt initialisation is the one training started from: lr 0 leaves every part at 0."""
+    from predet.pretext import weight_change
+
+    pretrain(tiny_pretrain_config(weak_set, tmp_path / "frozen", 2, **{"solver.lr": 0.0}))
+    frozen = weight_change(tmp_path / "frozen" / "checkpoints" / "model_final.pth")
+    assert {"backbone.body.conv1", "backbone.body.layer4", "backbone.fpn", "box_head.fc6", "crpn.trunk"} <= set(frozen)
+    assert all(v == 0.0 for v in frozen.values()), frozen
+    pretrain(tiny_pretrain_config(weak_set, tmp_path / "trained", 3))
+    trained = weight_change(tmp_path / "trained" / "checkpoints" / "model_final.pth")
+    assert trained.keys() == frozen.keys()
+    assert all(v > 0.0 for k, v in trained.items() if k.startswith("backbone")), trained
+
+
 def test_pretext_diagnostics_are_logged_on_heldout_pairs(weak_set, tmp_path):
     cfg = tiny_pretrain_config(weak_set, tmp_path / "run", 4, **{"data.val": weak_set / "heldout.jsonl",
                                                                 "train.eval_period": 2})

@@ -64,6 +64,39 @@ def evaluate_pretext(model, batches) -> dict:
     return {"pretext/crpn_recall@0.5": recall / count, "pretext/nce_top1": accuracy / count}
 
 
+def _part(name: str) -> str:
+    """``backbone.body.layer3.1.conv2.weight`` -> ``backbone.body.layer3``; stem = conv1."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if parts[:2] == ["backbone", "body"] else ".".join(parts[:2])
+
+
+@torch.no_grad()
+def weight_change(checkpoint) -> dict[str, float]:
+    """Relative distance ||w - w0|| / ||w0|| of each part's conv/linear weights from the run's init.
+
+    Rebuilds the initialisation from the checkpoint's own config and seed. A pre-training whose
+    backbone barely moved cannot change fine-tuning much; one that rewrote mainly the stem
+    (``backbone.body.conv1``) has learned low-level cues such as colour.
+    """
+    from predet.config import from_dict
+    from predet.engine.checkpoint import load_checkpoint
+    from predet.models.predet import PreDet
+    from predet.pretrain import PretrainConfig
+
+    state = load_checkpoint(checkpoint)
+    cfg = from_dict(PretrainConfig, state["config"])
+    torch.manual_seed(cfg.train.seed)  # as pretrain() does before building the model
+    init = PreDet(len(state["extra_state"]["vocab"]), cfg.model, cfg.loss).state_dict()
+    moved, norm = {}, {}
+    for name, w in state["model"].items():
+        if name not in init or not w.is_floating_point() or w.dim() < 2:
+            continue  # norms' affine parameters and running statistics are not features
+        part = _part(name)
+        moved[part] = moved.get(part, 0.0) + float((w.float() - init[name].float()).pow(2).sum())
+        norm[part] = norm.get(part, 0.0) + float(init[name].float().pow(2).sum())
+    return {part: (moved[part] / norm[part]) ** 0.5 if norm[part] else float("nan") for part in moved}
+
+
 class PretextDiagnosticsHook:
     """Logs the pretext diagnostics on a fixed held-out set every ``period`` iterations."""
 
