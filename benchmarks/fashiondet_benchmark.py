@@ -43,7 +43,7 @@ VARIANTS = {  # name -> loss overrides
     "pretext_only": ["loss.lambda_cls=0"],
 }
 LABELS = {"predet": "PreDet", "cls_only": "classification-only", "pretext_only": "pretext-only", "scratch": "scratch"}
-# The cuts that make 36 fine-tuning runs fit a 2-core CPU in about two hours (README of the
+# The cuts that make the 20 fine-tuning runs fit a 2-core CPU in about two hours (README of the
 # results folder): 1x = 300 iterations at batch 4 (the config's CPU 1x is 450), 64 sampled
 # RoIs per image instead of 128, a 64-channel mask head instead of 128.
 FINETUNE_CUTS = ["schedule_scale=0.000833333", "model.box_batch_size_per_image=64", "model.mask_head_dim=64"]
@@ -212,7 +212,8 @@ def main(argv=None) -> int:
         shutil.copy(d / "summary.json", results / f"summary_{d.name}.json")
         if (d / "selection.json").exists():
             shutil.copy(d / "selection.json", results / f"selection_{d.name}.json")
-    summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hours": (time.time() - start) / 3600,
+    summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "hours_this_invocation": (time.time() - start) / 3600,
                "finetune_overrides": list(args.finetune), "pretrain_overrides": list(args.pretrain),
                "chosen_settings": chosen, "bbox": answers(out), "mask": answers(out, "segm/AP"),
                "pretraining": pretraining_diagnostics(out)}
