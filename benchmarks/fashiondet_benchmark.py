@@ -28,8 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from predet.data.fashiondet import build_fashiondet
-from predet.demo import is_current_build
+from predet.data.fashiondet import build_fashiondet, is_current_build
+from predet.engine.metrics import read_metrics
 from predet.pretext import weight_change
 from predet.report import write_report
 from predet.sweep import parse_grid_args, run_command, sweep, thread_env
@@ -55,7 +55,7 @@ def run_parallel(tasks, lanes: int) -> list:
         return [f.result() for f in [pool.submit(t) for t in tasks]]
 
 
-def pretrain_variants(out: Path, data: Path, extra: list[str], lanes: int) -> dict[str, str]:
+def pretrain_variants(out: Path, data: Path, extra: list[str]) -> dict[str, str]:
     """Every variant in its own process, side by side; a finished one is not rerun."""
     weak = data / "weak"
 
@@ -167,7 +167,7 @@ def pretraining_diagnostics(out: Path) -> dict:
     result = {}
     for name in VARIANTS:
         run_dir = out / "pretrain" / name
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        records = read_metrics(run_dir / "metrics.jsonl")
         result[name] = {
             "pretext": [{"iteration": r["iteration"], **{k: v for k, v in r.items() if k.startswith("pretext/")}}
                         for r in records if "pretext/nce_top1" in r],
@@ -199,14 +199,14 @@ def main(argv=None) -> int:
     out, data, results = Path(args.out), Path(args.data), Path(args.results)
     if not is_current_build(data):
         build_fashiondet(data, size="small", seed=0, overwrite=True)
-    inits = pretrain_variants(out, data, args.pretrain, args.lanes)
+    inits = pretrain_variants(out, data, args.pretrain)
     base = data_overrides(data) + list(args.finetune)
     chosen = choose_settings(out, inits, parse_grid_args(args.grid), args.select, base, args.lanes)
     print(f"== chosen on val: {json.dumps(chosen)}", flush=True)
     dirs = final_runs(out, inits, chosen, args.seeds, base, args.curve_period, args.lanes)
 
     results.mkdir(parents=True, exist_ok=True)
-    labels = {str(d): LABELS[d.name.rsplit('_', 1)[0]] for d in dirs}
+    labels = {str(d): LABELS[d.name.rsplit("_", 1)[0]] for d in dirs}
     paths = write_report(dirs, results, split="test", labels=labels)
     for d in dirs:
         shutil.copy(d / "summary.json", results / f"summary_{d.name}.json")

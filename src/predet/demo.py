@@ -8,12 +8,11 @@ where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from predet.data.fashiondet import FORMAT_VERSION, build_fashiondet
+from predet.data.fashiondet import build_fashiondet, is_current_build
 from predet.finetune import finetune, load_finetune_config
 from predet.pretrain import load_pretrain_config, pretrain
 from predet.report import write_report
@@ -47,12 +46,6 @@ PROFILES = {
         ],
     },
 }
-
-
-def is_current_build(data: Path) -> bool:
-    """A finished FashionDet build in this builder's format (older ones lack the held-out set)."""
-    summary = data / "fashiondet.json"
-    return summary.exists() and json.loads(summary.read_text()).get("format_version") == FORMAT_VERSION
 
 
 @dataclass

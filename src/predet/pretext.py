@@ -80,13 +80,11 @@ def weight_change(checkpoint) -> dict[str, float]:
     """
     from predet.config import from_dict
     from predet.engine.checkpoint import load_checkpoint
-    from predet.models.predet import PreDet
-    from predet.pretrain import PretrainConfig
+    from predet.pretrain import PretrainConfig, build_pretrain_model  # pretrain imports this module
 
     state = load_checkpoint(checkpoint)
     cfg = from_dict(PretrainConfig, state["config"])
-    torch.manual_seed(cfg.train.seed)  # as pretrain() does before building the model
-    init = PreDet(len(state["extra_state"]["vocab"]), cfg.model, cfg.loss).state_dict()
+    init = build_pretrain_model(cfg, len(state["extra_state"]["vocab"])).state_dict()
     moved, norm = {}, {}
     for name, w in state["model"].items():
         if name not in init or not w.is_floating_point() or w.dim() < 2:

@@ -76,6 +76,12 @@ def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: i
     )
 
 
+def build_pretrain_model(cfg: PretrainConfig, num_classes: int) -> PreDet:
+    """The model a run starts from: seeded, so the same config always gives the same init."""
+    torch.manual_seed(cfg.train.seed)
+    return PreDet(num_classes, cfg.model, cfg.loss)
+
+
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pre-train a PreDet model; returns where the run ended and its checkpoint."""
     if not cfg.data.train:
@@ -90,8 +96,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         train_cfg = dataclasses.replace(train_cfg, find_unused_parameters=True)
     if cfg.model.norm == "syncbn":
         train_cfg = dataclasses.replace(train_cfg, sync_bn=True)
-    torch.manual_seed(cfg.train.seed)
-    model = PreDet(len(vocab), cfg.model, cfg.loss)
+    model = build_pretrain_model(cfg, len(vocab))
 
     hooks = []
     if cfg.data.val and cfg.train.eval_period > 0:

@@ -73,6 +73,12 @@ BACKGROUND_NAMES = (
 STREAMS = {"partition": 0, "weak": 1, "det/train": 2, "det/val": 3, "det/test": 4, "weak/heldout": 5}
 
 
+def is_current_build(data: str | Path) -> bool:
+    """A finished FashionDet build in this builder's format (older ones lack the held-out set)."""
+    summary = Path(data) / "fashiondet.json"
+    return summary.exists() and json.loads(summary.read_text()).get("format_version") == FORMAT_VERSION
+
+
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
 
