@@ -52,7 +52,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def test_same_seed_gives_identical_bytes_whatever_the_worker_count(builds):
     a, b = _files(builds["a"][0]), _files(builds["b"][0])
     assert sorted(a) == sorted(b)
-    assert len(a) == 64 + 16 + 48 + 16 + 16 + 4 + 3 + 1  # images, weak jsonl/vocab files, coco, summary
+    assert len(a) == 64 + 16 + 48 + 16 + 16 + 5 + 3 + 1  # images, weak jsonl/vocab files, coco, summary
     for name in a:
         assert a[name] == b[name], name
 
@@ -74,6 +74,8 @@ def test_layout_counts_and_summary(builds):
     assert len(heldout) == sizes["weak_heldout"]
     assert not {r["image"] for r in heldout} & {r["image"] for r in noisy}
     assert all((out / "weak" / r["image"]).is_file() for r in heldout)
+    heldout_clean = _read_jsonl(out / "weak" / "heldout_clean.jsonl")
+    assert [r["image"] for r in heldout_clean] == [r["image"] for r in heldout]
     assert noisy[0]["image"] == "images/000000.png"
     for rec in noisy:
         assert set(rec) == {"image", "labels"}
@@ -249,3 +251,19 @@ def test_interrupted_build_is_replaced(tmp_path):
     assert not (out / "weak" / "images" / "999999.png").exists()
     assert not (out / ".fashiondet-incomplete").exists()
     assert (out / "unrelated.txt").read_text() == "kept"
+
+
+def test_format_3_weak_canvases_are_object_centric_and_format_2_is_kept(builds, tmp_path):
+    """Format 3 puts 1-3 garments on a weak canvas; format 2 (by flag) keeps the cluttered 1-6,
+    and the detection splits are the same in both."""
+    old_dir = tmp_path / "v2"
+    build_fashiondet(old_dir, size="tiny", seed=0, progress=False, workers=1, format_version=2)
+    new_dir = builds["a"][0]
+    count = lambda d: [len(r["fmnist_index"]) for r in _read_jsonl(d / "weak" / "clean_labels.jsonl")]
+    assert max(count(new_dir)) <= 3 < max(count(old_dir))
+    assert not (old_dir / "weak" / "heldout_clean.jsonl").exists()
+    assert json.loads((old_dir / "fashiondet.json").read_text())["format_version"] == 2
+    old, new = _files(old_dir / "det"), _files(new_dir / "det")
+    assert old.keys() == new.keys() and all(old[k] == new[k] for k in old)
+    with pytest.raises(ValueError, match="format_version"):
+        build_fashiondet(tmp_path / "v1", size="tiny", format_version=1, progress=False)

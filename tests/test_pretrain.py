@@ -167,12 +167,57 @@ def test_weight_change_is_zero_without_updates_and_positive_after_training(weak_
     assert all(v > 0.0 for k, v in trained.items() if k.startswith("backbone")), trained
 
 
-def test_pretext_diagnostics_are_logged_on_heldout_pairs(weak_set, tmp_path):
-    cfg = tiny_pretrain_config(weak_set, tmp_path / "run", 4, **{"data.val": weak_set / "heldout.jsonl",
+def test_pretext_diagnostics_are_logged_on_heldout_pairs_beside_their_floors(weak_set, tmp_path):
+    cfg = tiny_pretrain_config(weak_set, tmp_path / "run", 4, **{"data.val": weak_set / "heldout_clean.jsonl",
                                                                 "train.eval_period": 2})
     result = pretrain(cfg)
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "pretext/crpn_recall@0.5" in r]
     assert [r["iteration"] for r in records] == [2, 4]
+    signals = ["crpn_recall@0.5", "crpn_recall@0.5_other_query", "crpn_recall@0.5_best_anchor", "nce_top1",
+               "nce_top1_chance", "cls_mAP", "cls_mAP_constant"]
     for r in records:
-        assert 0.0 <= r["pretext/crpn_recall@0.5"] <= 1.0 and 0.0 <= r["pretext/nce_top1"] <= 1.0
+        assert all(0.0 <= r[f"pretext/{k}"] <= 1.0 for k in signals), r
     assert result.iteration == 4
+
+
+def test_weak_label_map_and_its_constant_floor():
+    from predet.pretext import constant_predictor_map, mean_average_precision
+
+    torch.manual_seed(0)
+    targets = (torch.rand(400, 6) < torch.linspace(0.1, 0.6, 6)).float()
+    assert mean_average_precision(targets + 0.01 * torch.rand(400, 6), targets) == 1.0
+    assert mean_average_precision(-targets, targets) < constant_predictor_map(targets)
+    noise = sum(mean_average_precision(torch.rand(400, 6), targets) for _ in range(20)) / 20
+    assert abs(noise - constant_predictor_map(targets)) < 0.02  # a random ranking scores the floor
+    assert constant_predictor_map(targets) == pytest.approx(targets.mean(0).mean().item())
+
+
+def test_crpn_recall_floors_catch_a_crpn_that_ignores_its_query():
+    from predet.pretext import best_fixed_anchor_recall, other_query_boxes, recall_at_iou
+
+    torch.manual_seed(0)
+    xy = torch.rand(3, 8, 2) * 100
+    targets = torch.cat([xy, xy + 10 + torch.rand(3, 8, 2) * 20], dim=2)
+    # A CRPN that answers each query: perfect recall, and far less with another query's box.
+    assert recall_at_iou(targets, targets) == 1.0
+    assert recall_at_iou(other_query_boxes(targets), targets) < 0.3
+    # One that gives every query of an image the same box: the cross-query floor equals it.
+    same = targets[:, :1].expand_as(targets)
+    assert recall_at_iou(other_query_boxes(same), targets) == recall_at_iou(same, targets)
+    anchors = torch.cat([targets[0, :1], torch.tensor([[500.0, 500, 510, 510]])])
+    assert best_fixed_anchor_recall(anchors, targets[0, :1].expand(3, 1, 4)) == 1.0
+    assert best_fixed_anchor_recall(anchors, targets) < 0.2
+
+
+def test_per_view_batch_norm_normalises_each_view_with_its_own_statistics():
+    from helpers import tiny_model, two_view_batch
+
+    batch = two_view_batch(n=2, size=64)
+    model = tiny_model(per_view_bn=True).train()
+    c5, fpn = model.features(batch["view1"], batch["view2"])
+    c5_1, _ = model.features(batch["view1"])
+    c5_2, _ = model.features(batch["view2"])
+    torch.testing.assert_close(c5, torch.cat([c5_1, c5_2]))
+    model.cfg.per_view_bn = False
+    shared, _ = model.features(batch["view1"], batch["view2"])
+    assert not torch.allclose(shared, c5)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.ops import roi_align
 
 from helpers import smooth_image
@@ -64,3 +65,20 @@ def test_grayscale_views_keep_geometry_and_lose_colour():
         assert torch.allclose(view[0], view[1], atol=1e-6) and torch.allclose(view[1], view[2], atol=1e-6)
     plain = make_two_views(smooth_image(2), 11, ViewConfig(size=48, num_queries=3))
     assert torch.equal(out["b1"], plain["b1"]) and torch.equal(out["b2"], plain["b2"])
+
+
+def test_decorrelated_colour_views_no_longer_share_their_colour():
+    """The held-out contrastive check's views: a colour match between them is no longer a cue."""
+    from predet.views import decorrelated_colours
+
+    image = Image.new("RGB", (120, 100), (200, 60, 40))
+    plain = ViewConfig(size=32, jitter=0.0, hue=0.0, num_queries=2)
+    colour = lambda v: v.mean(dim=(1, 2))
+    gaps_plain, gaps_decorrelated = [], []
+    for seed in range(20):
+        a = make_two_views(image, seed, plain)
+        b = make_two_views(image, seed, decorrelated_colours(plain))
+        gaps_plain.append((colour(a["view1"]) - colour(a["view2"])).abs().max().item())
+        gaps_decorrelated.append((colour(b["view1"]) - colour(b["view2"])).abs().max().item())
+    assert max(gaps_plain) < 1e-3
+    assert sum(g > 0.1 for g in gaps_decorrelated) >= 15, gaps_decorrelated

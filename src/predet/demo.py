@@ -73,7 +73,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/fashiondet"
     logger.info("step 1/3: PreDet pre-training on %s", weak / "labels.jsonl")
     pretrain(load_pretrain_config(PRETRAIN_CONFIG, [
         f"data.train={weak / 'labels.jsonl'}", f"data.vocab={weak / 'vocab.json'}",
-        f"data.val={weak / 'heldout.jsonl'}", f"train.run_dir={pretrain_dir}", *common, *profile["pretrain"],
+        f"data.val={weak / 'heldout_clean.jsonl'}", f"train.run_dir={pretrain_dir}", *common, *profile["pretrain"],
     ]))
 
     runs = {}

@@ -1,9 +1,14 @@
-"""Pretext-task diagnostics: is the detection pretext actually being learned?
+"""Pretext-task diagnostics: is each part of pre-training actually learning?
 
-Two numbers on held-out image pairs, both without random sampling so they are comparable
-across iterations: the CRPN's recall (does its best box for query q overlap ``b2[q]`` with
-IoU >= 0.5?) and the contrastive top-1 accuracy (among the view-2 boxes of every query in the
-batch, is the most similar one a positive for q?).
+Measured on held-out images, without random sampling so they are comparable across
+iterations, and each beside the floor it must beat (DESIGN §2.7):
+
+* weak-label mAP over the vocabulary on whole images against their true tags, vs a constant
+  predictor;
+* CRPN recall@0.5 (does the top box for query q overlap ``b2[q]`` with IoU >= 0.5?), vs the
+  same recall with another query's box and vs the best single fixed anchor;
+* contrastive top-1 (among the view-2 boxes of every query in the batch, is the most similar
+  one a positive for q?) on views with decorrelated colours, vs chance.
 """
 
 from __future__ import annotations
@@ -29,39 +34,107 @@ def top1_accuracy(sim: torch.Tensor, positive: torch.Tensor) -> float:
     return positive.gather(1, sim.argmax(1, keepdim=True)).float().mean().item()
 
 
+def chance_top1(positive: torch.Tensor) -> float:
+    """Top-1 accuracy of a uniformly random choice: the floor ``top1_accuracy`` must beat."""
+    return positive.float().mean(1).mean().item()
+
+
+def other_query_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, Q, 4) -> each query's box replaced by the next query's of the same image.
+
+    Scoring query q with query q+1's proposal is the floor of the CRPN recall: a CRPN that
+    ignores its query (proposes the same salient boxes for every query) scores as well there.
+    """
+    return boxes.roll(1, dims=1)
+
+
+def best_fixed_anchor_recall(anchors: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> float:
+    """Recall of the single anchor that is right most often (chosen on the same targets):
+    what a CRPN gets by always answering with one box, whatever the query."""
+    hits = box_iou(targets.reshape(-1, 4), anchors) >= threshold  # (N*Q, A)
+    return hits.float().mean(0).max().item()
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-class AP (non-interpolated, as in VOC/sklearn) of (M, C) scores vs multi-hot
+    targets; NaN for a class without positives."""
+    order = scores.argsort(dim=0, descending=True)
+    hits = targets.gather(0, order).float()
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, device=hits.device)[:, None]
+    positives = hits.sum(0)
+    return torch.where(positives > 0, (precision * hits).sum(0) / positives.clamp(min=1), torch.nan)
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    return average_precision(scores, targets).nanmean().item()
+
+
+def constant_predictor_map(targets: torch.Tensor) -> float:
+    """mAP of a score that ignores the image (every image ties): each class's AP is then its
+    frequency, the floor a weak-label head must beat."""
+    freq = targets.float().mean(0)
+    return freq[freq > 0].mean().item()
+
+
 @torch.no_grad()
 def pretext_predictions(model, batch: dict) -> dict:
     """The CRPN's top box per query and the query-vs-target similarity matrix."""
     view1, view2, b1, b2 = batch["view1"], batch["view2"], batch["b1"], batch["b2"]
     n, q = b1.shape[:2]
     size = tuple(view1.shape[-2:])
-    _, fpn = model.features(torch.cat([view1, view2]))
+    _, fpn = model.features(view1, view2)
     fpn1, fpn2 = model.split_views(fpn, n)
     z = model.embed_boxes(fpn1, b1, size)
     trunk, dw, db, scores = model.query_scores(fpn2, z, n)
-    boxes, _ = model.proposals(trunk, dw, db, scores, model.anchors(view2, fpn2), size, 1)
+    anchors = model.anchors(view2, fpn2)
+    boxes, _ = model.proposals(trunk, dw, db, scores, anchors, size, 1)
     targets = model.embed_boxes(fpn2, b2, size)
     sim = model.roi_head.embed(z) @ model.roi_head.embed(targets).T
     image = torch.arange(n, device=b2.device).repeat_interleave(q)
     flat = b2.reshape(-1, 4)
     positive = (box_iou(flat, flat) >= model.roi_head.pos_iou) & (image[:, None] == image[None, :])
-    return {"top_box": boxes[:, :, 0], "sim": sim, "positive": positive}
+    return {"top_box": boxes[:, :, 0], "sim": sim, "positive": positive, "anchors": anchors}
 
 
 @torch.no_grad()
 def evaluate_pretext(model, batches) -> dict:
-    """Mean CRPN recall@0.5 and contrastive top-1 accuracy over held-out batches."""
-    recall, accuracy, count = 0.0, 0.0, 0
+    """CRPN recall@0.5 and contrastive top-1 on held-out pairs, each beside its floor:
+    recall with another query's box and with the best fixed anchor; top-1 by chance."""
+    sums: dict[str, float] = {}
+    count = 0
     for batch in batches:
         if not batch.get("num_images"):
             continue
         out = pretext_predictions(model, batch)
-        recall += recall_at_iou(out["top_box"], batch["b2"])
-        accuracy += top1_accuracy(out["sim"], out["positive"])
+        b2 = batch["b2"]
+        values = {
+            "crpn_recall@0.5": recall_at_iou(out["top_box"], b2),
+            "crpn_recall@0.5_other_query": recall_at_iou(other_query_boxes(out["top_box"]), b2),
+            "crpn_recall@0.5_best_anchor": best_fixed_anchor_recall(out["anchors"], b2),
+            "nce_top1": top1_accuracy(out["sim"], out["positive"]),
+            "nce_top1_chance": chance_top1(out["positive"]),
+        }
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
         count += 1
-    if count == 0:
+    return {f"pretext/{k}": v / count for k, v in sums.items()} if count else {}
+
+
+@torch.no_grad()
+def evaluate_weak_labels(model, batches) -> dict:
+    """Held-out weak-label mAP over the vocabulary (whole images, true tags) and its floor."""
+    scores, targets = [], []
+    for batch in batches:
+        if not batch.get("num_images"):
+            continue
+        c5, _ = model.features(batch["image"])
+        scores.append(model.cls_head(c5))
+        targets.append(batch["labels"])
+    if not scores:
         return {}
-    return {"pretext/crpn_recall@0.5": recall / count, "pretext/nce_top1": accuracy / count}
+    scores, targets = torch.cat(scores), torch.cat(targets)
+    return {"pretext/cls_mAP": mean_average_precision(scores, targets),
+            "pretext/cls_mAP_constant": constant_predictor_map(targets)}
 
 
 def _part(name: str) -> str:
@@ -96,14 +169,22 @@ def weight_change(checkpoint) -> dict[str, float]:
 
 
 class PretextDiagnosticsHook:
-    """Logs the pretext diagnostics on a fixed held-out set every ``period`` iterations."""
+    """Logs the pretext diagnostics on fixed held-out data every ``period`` iterations.
 
-    def __init__(self, dataset, collate, period: int, num_images: int = 32, batch_size: int = 8):
-        count = min(num_images, len(dataset))
-        # Fixed (index, seed) pairs: the same views every time, so curves are comparable.
+    ``pairs``: two-view samples (fixed seeds, so every evaluation sees the same views).
+    ``images``: whole images with their true tags, for the weak-label mAP (optional).
+    """
+
+    def __init__(self, pairs, collate, period: int, num_images: int = 32, batch_size: int = 8, images=None,
+                 collate_images=None):
+        count = min(num_images, len(pairs))
         self.batches = [
-            collate([dataset[(i, 10_000 + i)] for i in range(start, min(start + batch_size, count))])
+            collate([pairs[(i, 10_000 + i)] for i in range(start, min(start + batch_size, count))])
             for start in range(0, count, batch_size)
+        ]
+        self.image_batches = [] if images is None else [
+            collate_images([images[i] for i in range(start, min(start + 32, len(images)))])
+            for start in range(0, len(images), 32)
         ]
         self.period = period
         self.last = {}
@@ -112,6 +193,7 @@ class PretextDiagnosticsHook:
         was_training = model.training
         model.eval()
         self.last = evaluate_pretext(model, (move_to_device(b, device) for b in self.batches))
+        self.last.update(evaluate_weak_labels(model, (move_to_device(b, device) for b in self.image_batches)))
         model.train(was_training)
         return self.last
 
@@ -120,5 +202,22 @@ class PretextDiagnosticsHook:
             result = self.run(state.model, state.device)
             state.metrics.update(result)
             state.writer.write({"iteration": state.iteration, **result})
-            logger.info("iter %d  pretext on held-out pairs: %s", state.iteration,
-                        "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in result.items()))
+            logger.info("iter %d  held-out pretext signals (floor in brackets): %s", state.iteration,
+                        format_signals(result))
+
+
+FLOORS = {  # signal -> the floors it must beat
+    "crpn_recall@0.5": ("crpn_recall@0.5_other_query", "crpn_recall@0.5_best_anchor"),
+    "nce_top1": ("nce_top1_chance",),
+    "cls_mAP": ("cls_mAP_constant",),
+}
+
+
+def format_signals(result: dict) -> str:
+    """``cls_mAP 0.61 (0.25)  crpn_recall@0.5 0.40 (0.02, 0.04) ...`` for the log."""
+    parts = []
+    for name, floors in FLOORS.items():
+        if f"pretext/{name}" in result:
+            ref = ", ".join(f"{result[f'pretext/{f}']:.3f}" for f in floors if f"pretext/{f}" in result)
+            parts.append(f"{name} {result[f'pretext/{name}']:.3f} ({ref})")
+    return "  ".join(parts)

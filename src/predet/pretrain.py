@@ -21,13 +21,13 @@ from predet.engine.distributed import cleanup, get_rank, get_world_size
 from predet.engine.trainer import TrainResult, train
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
-from predet.views import TwoViewTransform, ViewConfig
+from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, decorrelated_colours
 
 
 @dataclass
 class DataConfig:
     train: str = ""  # labels.jsonl, a .tar shard pattern, or a folder of shards
-    val: str = ""  # optional held-out labels.jsonl for the pretext diagnostics
+    val: str = ""  # optional held-out labels.jsonl (true tags) for the pretext diagnostics
     vocab: str = ""  # optional vocab.json (a list of names); built from the data if empty
     views: ViewConfig = field(default_factory=ViewConfig)
 
@@ -53,6 +53,16 @@ def collate_two_view(samples: list[dict]) -> dict:
     for key in ("view1", "view2", "b1", "b2", "transform1", "transform2"):
         if kept:
             out[key] = torch.stack([s[key] for s in kept])
+    return out
+
+
+def collate_images(samples: list[dict]) -> dict:
+    """Whole images with their tags (the weak-label mAP's batches)."""
+    batch = collate_weak(samples)
+    kept = batch["samples"]
+    out = {"skipped": batch["skipped"], "num_images": len(kept), "labels": batch["labels"]}
+    if kept:
+        out["image"] = torch.stack([s["image"] for s in kept])
     return out
 
 
@@ -100,8 +110,11 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
 
     hooks = []
     if cfg.data.val and cfg.train.eval_period > 0:
-        val_set, _ = build_weak_dataset(cfg.data.val, vocab, transform, cfg.train.seed)
-        hooks.append(PretextDiagnosticsHook(val_set, collate_two_view, cfg.train.eval_period))
+        pairs, _ = build_weak_dataset(cfg.data.val, vocab, TwoViewTransform(decorrelated_colours(cfg.data.views)),
+                                      cfg.train.seed)
+        images, _ = build_weak_dataset(cfg.data.val, vocab, WholeImageTransform(cfg.data.views.size), cfg.train.seed)
+        hooks.append(PretextDiagnosticsHook(pairs, collate_two_view, cfg.train.eval_period, images=images,
+                                            collate_images=collate_images))
 
     def make_loader(start_iter: int):
         return iter(build_pretrain_loader(dataset, cfg, start_iter, get_rank(), get_world_size()))

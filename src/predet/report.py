@@ -324,6 +324,52 @@ def plot_ap_curves(runs: list[dict], out_path: str | Path, metric: str = "bbox/A
     return out_path
 
 
+PRETEXT_PANELS = (  # (signal, its floors, title) of the pre-training curves
+    ("cls_mAP", ("cls_mAP_constant",), "weak-label mAP (true tags)"),
+    ("crpn_recall@0.5", ("crpn_recall@0.5_other_query", "crpn_recall@0.5_best_anchor"), "CRPN recall@0.5"),
+    ("nce_top1", ("nce_top1_chance",), "contrastive top-1 (colour-decorrelated views)"),
+)
+
+
+def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -> Path | None:
+    """One PNG with each pre-training's held-out signals against iterations, a panel per
+    signal, its floors dashed: the learning ladder at a glance. None when nothing was logged."""
+    from predet.engine.metrics import read_metrics
+
+    curves = {}
+    for label, run_dir in run_dirs.items():
+        path = Path(run_dir) / "metrics.jsonl"
+        if path.exists():
+            curves[label] = [r for r in read_metrics(path) if any(k.startswith("pretext/") for k in r)]
+    if not any(curves.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PRETEXT_PANELS), figsize=(5 * len(PRETEXT_PANELS), 3.8))
+    for ax, (signal, floors, title) in zip(axes, PRETEXT_PANELS):
+        for i, (label, records) in enumerate(curves.items()):
+            colour = f"C{i}"
+            for key, style, suffix in [(signal, "-", ""), *((f, "--", f" ({f.split('_')[-1]})") for f in floors)]:
+                points = [(r["iteration"], r[f"pretext/{key}"]) for r in records if f"pretext/{key}" in r]
+                if points:
+                    ax.plot(*zip(*points), style, color=colour, marker="o" if style == "-" else None,
+                            markersize=3, label=f"{label}{suffix}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("pre-training iteration")
+        ax.set_ylim(0, 1)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 # --------------------------------------------------------------------------- report
 
 

@@ -7,6 +7,7 @@ which makes a sample reproducible whatever worker or process draws it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -187,3 +188,21 @@ class TwoViewTransform:
 
     def __call__(self, image: Image.Image, seed: int) -> dict:
         return make_two_views(image, seed, self.cfg)
+
+
+def decorrelated_colours(cfg: ViewConfig) -> ViewConfig:
+    """The same views with independent strong colour changes per view (any hue, some grey),
+    as BYOL/SoCo augment: the held-out contrastive check then cannot be passed by colour."""
+    return dataclasses.replace(cfg, jitter=max(cfg.jitter, 0.4), hue=0.5, grayscale_p=max(cfg.grayscale_p, 0.2))
+
+
+class WholeImageTransform:
+    """Picklable ``(image, seed) -> {"image"}``: the whole image resized to ``size`` (no
+    augmentation), what the held-out weak-label mAP is measured on."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image, seed: int) -> dict:
+        image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        return {"image": TF.pil_to_tensor(image).float().div_(255.0)}

@@ -18,23 +18,23 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 
-def weight_generator(query_dim: int, hidden: int, out_features: int) -> nn.Sequential:
+def weight_generator(query_dim: int, hidden: int, out_features: int, init_std: float = 0.001) -> nn.Sequential:
     """FC + ReLU, then FC producing a flattened conv weight and bias."""
     mlp = nn.Sequential(nn.Linear(query_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
-    nn.init.normal_(mlp[2].weight, std=0.001)
+    nn.init.normal_(mlp[2].weight, std=init_std)
     nn.init.zeros_(mlp[2].bias)
     return mlp
 
 
 class QueryConditionedRPN(nn.Module):
-    def __init__(self, in_channels: int, query_dim: int, num_anchors: int, hidden: int = 256):
+    def __init__(self, in_channels: int, query_dim: int, num_anchors: int, hidden: int = 256, init_std: float = 0.001):
         super().__init__()
         # Same module as torchvision's RPNHead.conv, so it transfers to rpn.head.conv.
         self.trunk = RPNHead(in_channels, num_anchors).conv
         self.in_channels = in_channels
         self.num_anchors = num_anchors
-        self.score_generator = weight_generator(query_dim, hidden, num_anchors * (in_channels + 1))
-        self.delta_generator = weight_generator(query_dim, hidden, 4 * num_anchors * (in_channels + 1))
+        self.score_generator = weight_generator(query_dim, hidden, num_anchors * (in_channels + 1), init_std)
+        self.delta_generator = weight_generator(query_dim, hidden, 4 * num_anchors * (in_channels + 1), init_std)
 
     def trunk_features(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Trunk on every level, flattened to (N, C, L) with L = all positions of all levels."""

@@ -38,14 +38,21 @@ class ModelConfig:
     crpn_bg_iou: float = 0.3
     crpn_anchors_per_query: int = 256
     crpn_pos_fraction: float = 0.5
+    crpn_init_std: float = 0.001  # std of the weight generators' last layers
     pre_nms_top_n: int = 64  # per query
     nms_thresh: float = 0.7
     post_nms_top_n: int = 16  # per query
     rois_per_query: int = 16
+    # Box side that RoIAlign maps to P4 (torchvision and Detectron2: 224 for 800 px images).
+    # Scale it with the image size, or small images send every RoI to P2/P3.
+    roi_canonical_scale: int = 224
     roi_pos_fraction: float = 0.5
     roi_pos_iou: float = 0.5
     proj_dim: int = 128
     temperature: float = 0.2
+    # Run the backbone on each view separately, so batch norm's statistics are per view: one
+    # shared BN batch lets the contrastive task match views through batch statistics.
+    per_view_bn: bool = False
 
 
 @dataclass
@@ -66,10 +73,11 @@ class PreDet(nn.Module):
         self.anchor_generator = AnchorGenerator(
             tuple((s,) for s in model.anchor_sizes), (tuple(model.aspect_ratios),) * len(model.anchor_sizes)
         )
-        self.roi_align = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        self.roi_align = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,
+                                            canonical_scale=model.roi_canonical_scale)
         self.box_head = TwoMLPHead(model.fpn_channels * 7 * 7, model.box_head_dim)
         self.crpn = QueryConditionedRPN(
-            model.fpn_channels, model.box_head_dim, len(model.aspect_ratios), model.crpn_hidden
+            model.fpn_channels, model.box_head_dim, len(model.aspect_ratios), model.crpn_hidden, model.crpn_init_std
         )
         self.crpn_loss = CRPNLoss(
             model.crpn_fg_iou, model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction
@@ -78,8 +86,14 @@ class PreDet(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def features(self, images: torch.Tensor):
-        """Backbone on a batch: (C5 for the weak head, FPN maps)."""
+    def features(self, images: torch.Tensor, view2: torch.Tensor | None = None):
+        """Backbone on a batch (or on two views: their 2N images), -> (C5, FPN maps)."""
+        if view2 is not None and self.cfg.per_view_bn:
+            c5_1, fpn1 = self.features(images)
+            c5_2, fpn2 = self.features(view2)
+            return torch.cat([c5_1, c5_2]), {k: torch.cat([fpn1[k], fpn2[k]]) for k in fpn1}
+        if view2 is not None:
+            images = torch.cat([images, view2])
         body = self.backbone.body((images - self.pixel_mean) / self.pixel_std)
         return body["3"], self.backbone.fpn(body)
 
@@ -113,7 +127,7 @@ class PreDet(nn.Module):
         lam = self.loss_cfg
         view1, view2 = batch["view1"], batch["view2"]
         n = view1.shape[0]
-        c5, fpn = self.features(torch.cat([view1, view2]))
+        c5, fpn = self.features(view1, view2)
         out = {}
         if lam.lambda_cls > 0:
             logits = self.cls_head(c5)
