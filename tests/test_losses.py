@@ -70,11 +70,28 @@ def test_each_lambda_removes_exactly_its_losses():
     assert torch.equal(no_rpn["loss_cls"], full["loss_cls"])
     sum(v for k, v in no_rpn.items() if k.startswith("loss")).backward()
     assert all(p.grad is None for p in model.crpn.parameters())
-    _, cls_only = losses(LossConfig(lambda_rpn=0, lambda_roi=0))
+    model, cls_only = losses(LossConfig(lambda_rpn=0, lambda_roi=0))
     assert set(cls_only) == {"loss_cls"} and torch.equal(cls_only["loss_cls"], full["loss_cls"])
+    cls_only["loss_cls"].backward()  # classification alone does not run the FPN (a third of its cost)
+    assert all(p.grad is None for p in model.backbone.fpn.parameters())
 
 
 def test_lambda_scales_its_loss():
     _, full = losses(LossConfig())
     _, doubled = losses(LossConfig(lambda_rpn=2.0))
     torch.testing.assert_close(doubled["loss_crpn_score"], 2 * full["loss_crpn_score"])
+
+
+def test_weak_head_norm_ignores_what_all_images_of_a_batch_share():
+    """With ``norm`` a feature common to the whole batch cannot move the logits (the path by
+    which small batches made them chase each batch's label frequencies)."""
+    from predet.models.weak_head import WeakLabelHead
+
+    torch.manual_seed(0)
+    c5 = torch.rand(6, 16, 2, 2)
+    common = 3.0 * torch.rand(1, 16, 1, 1)
+    for norm, moves in ((True, False), (False, True)):
+        head = WeakLabelHead(16, 4, norm=norm).train()
+        torch.nn.init.normal_(head.fc.weight)
+        shifted = not torch.allclose(head(c5), head(c5 + common), atol=1e-4)
+        assert shifted == moves, norm

@@ -127,7 +127,7 @@ def evaluate_weak_labels(model, batches) -> dict:
     for batch in batches:
         if not batch.get("num_images"):
             continue
-        c5, _ = model.features(batch["image"])
+        c5, _ = model.features(batch["image"], fpn=False)
         scores.append(model.cls_head(c5))
         targets.append(batch["labels"])
     if not scores:

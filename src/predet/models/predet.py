@@ -61,6 +61,7 @@ class LossConfig:
     lambda_rpn: float = 1.0
     lambda_roi: float = 1.0
     cls_loss: str = "softmax"  # "softmax" (normalised multi-hot) or "bce"
+    cls_head_norm: bool = False  # BN (no affine) on the pooled features before the linear layer
 
 
 class PreDet(nn.Module):
@@ -69,7 +70,7 @@ class PreDet(nn.Module):
         self.cfg = model = model or ModelConfig()
         self.loss_cfg = loss or LossConfig()
         self.backbone = build_backbone(model.backbone, model.norm, model.fpn_channels)
-        self.cls_head = WeakLabelHead(self.backbone.in_channels_list[-1], num_classes)
+        self.cls_head = WeakLabelHead(self.backbone.in_channels_list[-1], num_classes, self.loss_cfg.cls_head_norm)
         self.anchor_generator = AnchorGenerator(
             tuple((s,) for s in model.anchor_sizes), (tuple(model.aspect_ratios),) * len(model.anchor_sizes)
         )
@@ -86,16 +87,19 @@ class PreDet(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def features(self, images: torch.Tensor, view2: torch.Tensor | None = None):
-        """Backbone on a batch (or on two views: their 2N images), -> (C5, FPN maps)."""
+    def features(self, images: torch.Tensor, view2: torch.Tensor | None = None, fpn: bool = True):
+        """Backbone on a batch (or on two views: their 2N images), -> (C5, FPN maps or None).
+
+        ``fpn=False`` skips the FPN, which classification alone does not use."""
         if view2 is not None and self.cfg.per_view_bn:
-            c5_1, fpn1 = self.features(images)
-            c5_2, fpn2 = self.features(view2)
-            return torch.cat([c5_1, c5_2]), {k: torch.cat([fpn1[k], fpn2[k]]) for k in fpn1}
+            c5_1, fpn1 = self.features(images, fpn=fpn)
+            c5_2, fpn2 = self.features(view2, fpn=fpn)
+            maps = {k: torch.cat([fpn1[k], fpn2[k]]) for k in fpn1} if fpn else None
+            return torch.cat([c5_1, c5_2]), maps
         if view2 is not None:
             images = torch.cat([images, view2])
         body = self.backbone.body((images - self.pixel_mean) / self.pixel_std)
-        return body["3"], self.backbone.fpn(body)
+        return body["3"], self.backbone.fpn(body) if fpn else None
 
     def anchors(self, images: torch.Tensor, fpn: dict) -> torch.Tensor:
         """Anchors of one view (all views of a batch share a size): (L*A, 4)."""
@@ -127,13 +131,14 @@ class PreDet(nn.Module):
         lam = self.loss_cfg
         view1, view2 = batch["view1"], batch["view2"]
         n = view1.shape[0]
-        c5, fpn = self.features(view1, view2)
+        pretext = lam.lambda_rpn > 0 or lam.lambda_roi > 0
+        c5, fpn = self.features(view1, view2, fpn=pretext)
         out = {}
         if lam.lambda_cls > 0:
             logits = self.cls_head(c5)
             targets = batch["labels"].repeat(2, 1)
             out["loss_cls"] = lam.lambda_cls * weak_label_loss(logits, targets, lam.cls_loss)
-        if lam.lambda_rpn <= 0 and lam.lambda_roi <= 0:
+        if not pretext:
             return out
         fpn1, fpn2 = self.split_views(fpn, n)
         size = tuple(view1.shape[-2:])

@@ -12,14 +12,22 @@ from torch import nn
 
 
 class WeakLabelHead(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int):
+    """Global average pool -> (optional BN without affine) -> linear.
+
+    Pooled ReLU features share a large positive common part, through which SGD moves every
+    logit at once; on small batches the logits then chase each batch's label frequencies and
+    the loss climbs above the constant predictor's. ``norm=True`` removes that common part.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, norm: bool = False):
         super().__init__()
+        self.norm = nn.BatchNorm1d(in_channels, affine=False) if norm else nn.Identity()
         self.fc = nn.Linear(in_channels, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, c5: torch.Tensor) -> torch.Tensor:
-        return self.fc(c5.mean(dim=(2, 3)))
+        return self.fc(self.norm(c5.mean(dim=(2, 3))))
 
 
 def weak_label_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
