@@ -7,6 +7,7 @@ with plain torchvision models.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -15,6 +16,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from predet.models.backbone import build_backbone
@@ -91,17 +93,44 @@ def _anchor_generator(cfg: DetectorConfig, retinanet: bool) -> AnchorGenerator:
     return AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * len(sizes))
 
 
+# Each torchvision detector hands the keywords it does not name on down this chain, and the last
+# one (GeneralizedRCNNTransform) swallows whatever is left: a misspelt keyword is silently dropped.
+KWARG_CHAINS = {
+    PredetMaskRCNN: (MaskRCNN, FasterRCNN, GeneralizedRCNNTransform),
+    PredetFasterRCNN: (FasterRCNN, GeneralizedRCNNTransform),
+    PredetRetinaNet: (RetinaNet, GeneralizedRCNNTransform),
+}
+
+
+def accepted_kwargs(cls: type) -> set[str]:
+    """Keywords some constructor in ``cls``'s chain names explicitly (not via ``**kwargs``)."""
+    names = set()
+    for owner in KWARG_CHAINS[cls]:
+        for p in inspect.signature(owner.__init__).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                names.add(p.name)
+    return names
+
+
+def construct(cls: type, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)``, but a keyword torchvision would silently ignore is a TypeError."""
+    unknown = sorted(set(kwargs) - accepted_kwargs(cls))
+    if unknown:
+        raise TypeError(f"{cls.__name__} does not take {', '.join(unknown)}: torchvision would ignore it")
+    return cls(*args, **kwargs)
+
+
 def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
     """A torchvision detector for ``num_classes`` foreground classes (labels 1..K), random weights."""
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown detector {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     c = cfg.fpn_channels
-    common = dict(min_size=cfg.min_size, max_size=cfg.max_size, detections_per_img=cfg.detections_per_image)
+    common = dict(min_size=cfg.min_size, max_size=cfg.max_size)
     if cfg.arch == "retinanet":
         backbone = build_backbone(cfg.backbone, cfg.norm, c, stages=(2, 3, 4), extra_blocks=LastLevelP6P7(c, c))
         freeze_stages(backbone.body, cfg.freeze_at)
-        return PredetRetinaNet(backbone, num_classes + 1, anchor_generator=_anchor_generator(cfg, True),
-                         score_thresh=cfg.score_thresh, **common)
+        return construct(PredetRetinaNet, backbone, num_classes + 1, anchor_generator=_anchor_generator(cfg, True),
+                         score_thresh=cfg.score_thresh, detections_per_img=cfg.detections_per_image, **common)
     backbone = build_backbone(cfg.backbone, cfg.norm, c)
     freeze_stages(backbone.body, cfg.freeze_at)
     anchors = _anchor_generator(cfg, False)
@@ -117,12 +146,14 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_score_thresh=cfg.score_thresh,
+        box_detections_per_img=cfg.detections_per_image,
         **common,
     )
     if cfg.arch == "faster_rcnn":
-        return PredetFasterRCNN(backbone, None, **kwargs)
+        return construct(PredetFasterRCNN, backbone, None, **kwargs)
     m = cfg.mask_head_dim
-    return PredetMaskRCNN(
+    return construct(
+        PredetMaskRCNN,
         backbone, None, mask_head=MaskRCNNHeads(c, [m] * 4, 1),
         mask_predictor=MaskRCNNPredictor(m, m, num_classes + 1), **kwargs,
     )
