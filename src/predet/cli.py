@@ -11,7 +11,7 @@ from predet.config import ConfigError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("--config", help="YAML file, or a shipped config by name, e.g. finetune/fashiondet_r18_cpu")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. solver.lr=0.01")
 
 
