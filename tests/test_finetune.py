@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import CPU_FINETUNE_CONFIG, CrashAt, tiny_finetune_overrides
@@ -85,6 +86,20 @@ def test_cli_finetune_eval_export_end_to_end(fashiondet_tiny, pretrain_checkpoin
     weights = load_checkpoint(final)["model"]
     assert torch.equal(exported["backbone.fpn.inner_blocks.0.0.weight"], weights["backbone.fpn.inner_blocks.0.0.weight"])
     assert list((tmp_path / "export").glob("*-detectron2.pkl"))
+    # metadata to rebuild the detector and map labels, in the header and in a JSON beside it
+    meta = json.loads(next((tmp_path / "export").glob("*-mask_rcnn.json")).read_text())
+    with safe_open(str(next((tmp_path / "export").glob("*.safetensors"))), "pt") as f:
+        header = f.metadata()
+    assert json.loads(header["labels"]) == meta["labels"] and header["arch"] == "mask_rcnn"
+    val_json = json.loads(val.read_text())
+    assert [meta["labels"][str(i + 1)]["category_id"] for i in range(len(meta["labels"]))] == \
+        [c["id"] for c in val_json["categories"]]
+    assert meta["labels"]["1"]["name"] == val_json["categories"][0]["name"]
+    assert meta["image_mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["min_size"] == 96
+    rebuilt = build_detector(DetectorConfig(**meta["config"]), meta["num_classes_with_background"] - 1)
+    rebuilt.load_state_dict({k: v for k, v in exported.items() if not k.endswith("num_batches_tracked")})
+    fragment = (tmp_path / "export" / "model_final-mask_rcnn-detectron2.yaml").read_text()
+    assert "STRIDE_IN_1X1: false" in fragment and "model_final-mask_rcnn-detectron2.pkl" in fragment
 
 
 
