@@ -393,3 +393,40 @@ def test_write_results_json_is_sorted_and_atomic(tmp_path):
     write_results_json({"bbox/AP": 0.75}, path)
     assert json.loads(path.read_text()) == {"bbox/AP": 0.75}
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temp file left
+
+
+def test_per_category_ap_is_cocoeval_on_that_category_alone(coco_data):
+    results = [r for r in imperfect_results() if "segmentation" in r] + [imperfect_results()[-1]]
+    per_category = {}
+    evaluate_coco(coco_data.coco, results, iou_types=("bbox",), per_category=per_category)
+    seen = []
+    for cat_id, _, _ in CATEGORIES:
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(coco_data.coco, coco_data.coco.loadRes(copy.deepcopy(results)), "bbox")
+            evaluator.params.catIds = [cat_id]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        assert per_category["bbox"][cat_id] == pytest.approx(evaluator.stats[0], abs=1e-12), cat_id
+        seen.append(per_category["bbox"][cat_id])
+    assert len(set(seen)) > 1  # the categories really differ in this fixture
+
+
+def test_evaluation_has_per_category_rows_and_the_results_file(coco_data, lvis_data, tmp_path):
+    from predet.detection.evaluation import evaluate_dataset_full, format_per_category, write_coco_results
+
+    evaluation = evaluate_dataset_full(LookupModel(coco_data), coco_data, progress=False)
+    assert [r["name"] for r in evaluation.per_category] == ["shirt", "shoe", "bag"]
+    assert [r["category_id"] for r in evaluation.per_category] == [3, 7, 11]
+    assert all(r["bbox/AP"] == pytest.approx(1.0) and r["segm/AP"] == pytest.approx(1.0)
+               for r in evaluation.per_category)
+    assert "| 7 | shoe | 100.0 | 100.0 |" in format_per_category(evaluation.per_category)
+    path = write_coco_results(evaluation.results, tmp_path / "coco_instances_results.json")
+    written = json.loads(path.read_text())
+    assert len(written) == sum(len(v) for v in OBJECTS.values())
+    assert set(written[0]) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+    assert isinstance(written[0]["segmentation"]["counts"], str) and len(written[0]["bbox"]) == 4
+    # the file is what the COCO tools read: scoring it again gives the same AP
+    assert evaluate_coco(coco_data.coco, written)["segm/AP"] == pytest.approx(1.0)
+    lvis = evaluate_dataset_full(LookupModel(lvis_data), lvis_data, progress=False)
+    assert [r["bbox/AP"] for r in lvis.per_category] == pytest.approx([1.0, 1.0, 1.0])

@@ -72,14 +72,47 @@ def test_cli_finetune_eval_export_end_to_end(fashiondet_tiny, pretrain_checkpoin
     assert [e["iteration"] for e in evals] == [3, 6]
     report = json.loads((run / "init_report.json").read_text())
     assert len(report["loaded"]) > 50
+    names = [c["name"] for c in json.loads((fashiondet_tiny / "det" / "annotations" / "val.json").read_text())["categories"]]
+    assert [row["name"] for row in results["per_category"]["val"]] == names
+    detections = json.loads((run / "inference" / "val" / "coco_instances_results.json").read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(detections[0])
 
     final = run / "checkpoints" / "model_final.pth"
     val = fashiondet_tiny / "det" / "annotations" / "val.json"
     assert cli_main(["eval", "--checkpoint", str(final), "--data", str(val), "--visualize", "2",
                      "--out", str(tmp_path / "eval")]) == 0
-    assert "segm/AP" in capsys.readouterr().out
-    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["bbox/AP"] == results["val"]["bbox/AP"]
+    eval_out = capsys.readouterr().out
+    assert "segm/AP" in eval_out and "| category |" in eval_out
+    evaluated = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert evaluated["bbox/AP"] == results["val"]["bbox/AP"]
+    assert evaluated["per_category"] == results["per_category"]["val"]
     assert len(list((tmp_path / "eval" / "visualize").glob("*.png"))) == 2
+
+    assert json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text())
+
+    # predict: a folder of unlabelled images, and a COCO image-info json
+    images = fashiondet_tiny / "det" / "images"
+    assert cli_main(["predict", "--checkpoint", str(final), "--images", str(images), "--out", str(tmp_path / "pred"),
+                     "--score-thresh", "0.01", "--visualize", "1", "--no-progress"]) == 0
+    assert "detections on" in capsys.readouterr().out
+    info = json.loads((tmp_path / "pred" / "image_info.json").read_text())
+    files = sorted(p for p in images.rglob("*") if p.is_file())
+    assert [im["file_name"] for im in info["images"]] == [p.relative_to(images).as_posix() for p in files]
+    predicted = json.loads((tmp_path / "pred" / "coco_instances_results.json").read_text())
+    assert predicted and min(r["score"] for r in predicted) >= 0.01
+    assert {r["image_id"] for r in predicted} <= {im["id"] for im in info["images"]}
+    assert {r["category_id"] for r in predicted} <= {c["id"] for c in info["categories"]}
+    assert len(list((tmp_path / "pred" / "visualize").glob("*.png"))) == 1
+    image_info = tmp_path / "image_info.json"
+    image_info.write_text(json.dumps({"images": [{"id": im["id"], "file_name": im["file_name"]}
+                                                 for im in json.loads(val.read_text())["images"]]}))
+    assert cli_main(["predict", "--checkpoint", str(final), "--images", str(image_info), "--image-root", str(images),
+                     "--out", str(tmp_path / "pred2"), "--no-progress"]) == 0
+    val_ids = {im["id"] for im in json.loads(val.read_text())["images"]}
+    assert {r["image_id"] for r in json.loads((tmp_path / "pred2" / "coco_instances_results.json").read_text())} <= val_ids
+    capsys.readouterr()
+    assert cli_main(["predict", "--checkpoint", str(final), "--images", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "no such image folder" in capsys.readouterr().err
 
     assert cli_main(["export", "--checkpoint", str(final), "--out", str(tmp_path / "export")]) == 0
     exported = load_file(next((tmp_path / "export").glob("*.safetensors")))

@@ -38,9 +38,22 @@ def cmd_finetune(args) -> None:
 def cmd_eval(args) -> None:
     from predet.finetune import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.images, args.kind, args.device,
-                                  args.batch_size, args.visualize, args.out)
-    print(format_metrics(metrics))
+    from predet.detection.evaluation import format_per_category
+
+    evaluation = evaluate_checkpoint(args.checkpoint, args.data, args.images, args.kind, args.device,
+                                     args.batch_size, args.visualize, args.out)
+    print(format_metrics(evaluation.metrics))
+    print(format_per_category(evaluation.per_category))
+
+
+def cmd_predict(args) -> None:
+    from predet.predict import predict
+
+    out = predict(args.checkpoint, args.images, args.out, args.score_thresh, args.image_root, args.device,
+                  args.batch_size, args.visualize, progress=not args.no_progress)
+    print(f"{out.detections} detections on {out.images} images: {out.results_path} (images: {out.image_info_path})")
+    if out.drawings:
+        print(f"drawings: {out.drawings[0].parent}")
 
 
 def cmd_export(args) -> None:
@@ -104,7 +117,9 @@ def cmd_report(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     print(written["text"])
-    for path in [written["markdown"], written["csv"], *written["plots"]]:
+    for path in [written["markdown"], written["csv"], written["per_category"], *written["plots"]]:
+        if path is None:
+            continue
         print(f"wrote {path}")
     return 0
 
@@ -131,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="write N PNGs of predictions")
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("predict", help="detections for unlabelled images as a COCO results file")
+    p.add_argument("--checkpoint", required=True, help="a predet finetune checkpoint")
+    p.add_argument("--images", required=True, help="an image folder, or a COCO image-info json (e.g. test-dev)")
+    p.add_argument("--image-root", default=None, help="folder of an image-info json's file names (default: its folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this "
+                   "(default: the checkpoint's model.score_thresh)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--visualize", type=int, default=0, metavar="N", help="draw the first N images' detections")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
 
     p = verbs.add_parser("export", help="export weights for plain torchvision and for Detectron2")
     p.add_argument("--checkpoint", required=True, help="a pretrain or finetune checkpoint")

@@ -36,7 +36,15 @@ from predet.detection.datasets import (
     subset_path,
     write_subset,
 )
-from predet.detection.evaluation import evaluate_dataset, visualize, write_results_json
+from predet.detection.evaluation import (
+    RESULTS_FILE,
+    Evaluation,
+    evaluate_dataset,
+    evaluate_dataset_full,
+    visualize,
+    write_coco_results,
+    write_results_json,
+)
 from predet.detection.models import DetectorConfig, build_detector
 from predet.detection.presets import preset_overrides
 from predet.detection.schedules import resolve_schedule, scale_lr
@@ -222,9 +230,12 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             for split, dataset in (("val", val_set), ("test", _test_set(cfg, masks))):
                 if dataset is None:
                     continue
-                metrics = evaluate_dataset(detector, dataset, device, cfg.eval.batch_size, progress=cfg.train.progress)
-                results[split] = metrics
-                record_evaluation(run_dir, result.iteration, split, metrics)
+                evaluation = evaluate_dataset_full(detector, dataset, device, cfg.eval.batch_size,
+                                                   progress=cfg.train.progress)
+                results[split] = evaluation.metrics
+                results.setdefault("per_category", {})[split] = evaluation.per_category
+                write_coco_results(evaluation.results, run_dir / "inference" / split / RESULTS_FILE)
+                record_evaluation(run_dir, result.iteration, split, evaluation.metrics)
             if cfg.eval.visualize and val_set is not None:
                 visualize(detector, val_set, cfg.eval.visualize, run_dir / "visualize", device)
             write_results_json(results, results_path)
@@ -255,8 +266,9 @@ def detector_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint"):
 
 
 def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "", device: str = "auto",
-                        batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None) -> dict:
-    """``predet eval``: metrics of a fine-tuned checkpoint on a COCO/LVIS json."""
+                        batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None) -> Evaluation:
+    """``predet eval``: a fine-tuned checkpoint on a COCO/LVIS json. Writes ``eval_results.json``
+    (metrics and per-category AP) and ``coco_instances_results.json`` into ``out_dir``."""
     detector, cfg, extra = load_detector(checkpoint)
     dataset = build_detection_dataset(data, images or cfg.data.val_images, kind or cfg.data.kind,
                                       masks=cfg.model.arch == "mask_rcnn")
@@ -264,10 +276,12 @@ def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "",
         raise ValueError(f"{data}: categories {list(dataset.cat_ids)} differ from the checkpoint's {extra['cat_ids']}")
     dev = resolve_device(device)
     detector.to(dev)
-    metrics = evaluate_dataset(detector, dataset, dev, batch_size)
+    evaluation = evaluate_dataset_full(detector, dataset, dev, batch_size)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
-    write_results_json({"checkpoint": str(checkpoint), "data": str(data), **metrics}, out / "eval_results.json")
+    write_results_json({"checkpoint": str(checkpoint), "data": str(data), **evaluation.metrics,
+                        "per_category": evaluation.per_category}, out / "eval_results.json")
+    write_coco_results(evaluation.results, out / RESULTS_FILE)
     if visualize_n:
         visualize(detector, dataset, visualize_n, out / "visualize", dev)
-    return metrics
+    return evaluation

@@ -112,19 +112,34 @@ def _zeros(iou_types: Iterable[str], keys: Sequence[str]) -> dict:
     return {f"{t}/{k}": 0.0 for t in iou_types for k in keys}
 
 
+def _category_ap(precision: np.ndarray, cat_ids: Sequence[int]) -> dict[int, float]:
+    """AP of each category from the tools' precision array (IoU x recall x category x area
+    [x max dets]): all areas, the most detections; -1 where the category has no ground truth."""
+    out = {}
+    for k, cat_id in enumerate(cat_ids):
+        p = precision[:, :, k, 0]
+        p = p[..., -1] if p.ndim == 3 else p
+        valid = p[p > -1]
+        out[int(cat_id)] = float(valid.mean()) if valid.size else -1.0
+    return out
+
+
 def evaluate_coco(
     coco_gt, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm"),
-    img_ids: Sequence[int] | None = None, verbose: bool = False,
+    img_ids: Sequence[int] | None = None, verbose: bool = False, per_category: dict | None = None,
 ) -> dict:
     """COCOeval AP / AP50 / AP75 / APs / APm / APl per IoU type, as ``"bbox/AP"`` etc.
 
     ``img_ids`` restricts the evaluation to the images actually run (a subset of the json);
     by default every image in ``coco_gt`` counts. No detections at all scores 0.0.
+    ``per_category``, when given, receives ``{iou_type: {category id: AP}}``.
     """
     metrics = {}
     for iou_type in iou_types:
         if not results:
             metrics.update(_zeros([iou_type], COCO_KEYS))
+            if per_category is not None:
+                per_category[iou_type] = {int(c): 0.0 for c in coco_gt.getCatIds()}
             continue
         with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
@@ -135,6 +150,8 @@ def evaluate_coco(
             evaluator.accumulate()
             evaluator.summarize()
         metrics.update({f"{iou_type}/{k}": float(v) for k, v in zip(COCO_KEYS, evaluator.stats)})
+        if per_category is not None:
+            per_category[iou_type] = _category_ap(evaluator.eval["precision"], evaluator.params.catIds)
     return metrics
 
 
@@ -161,12 +178,12 @@ def _quiet_lvis(verbose: bool):
 
 def evaluate_lvis(
     lvis_gt, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm"),
-    img_ids: Sequence[int] | None = None, verbose: bool = False,
+    img_ids: Sequence[int] | None = None, verbose: bool = False, per_category: dict | None = None,
 ) -> dict:
     """LVISEval AP / AP50 / AP75 / APs / APm / APl / APr / APc / APf per IoU type.
 
     LVIS scores at most 300 detections per image: only the top-scoring 300 are kept.
-    ``img_ids`` restricts the evaluation as in :func:`evaluate_coco`.
+    ``img_ids`` and ``per_category`` as in :func:`evaluate_coco`.
     """
     from lvis import LVISEval, LVISResults
 
@@ -175,6 +192,8 @@ def evaluate_lvis(
     for iou_type in iou_types:
         if not limited:
             metrics.update(_zeros([iou_type], LVIS_KEYS))
+            if per_category is not None:
+                per_category[iou_type] = {int(c): 0.0 for c in lvis_gt.get_cat_ids()}
             continue
         with _quiet_lvis(verbose):
             lvis_dt = LVISResults(lvis_gt, _results_for(limited, iou_type), max_dets=LVIS_MAX_DETS)
@@ -186,6 +205,8 @@ def evaluate_lvis(
                 evaluator.print_results()
         stats = evaluator.get_results()
         metrics.update({f"{iou_type}/{k}": float(stats[k]) for k in LVIS_KEYS})
+        if per_category is not None:
+            per_category[iou_type] = _category_ap(evaluator.eval["precision"], evaluator.params.cat_ids)
     return metrics
 
 
@@ -266,10 +287,42 @@ def run_inference(model, loader, device, progress: bool = True) -> tuple[list[di
     return run.results, run.stats
 
 
-def evaluate_dataset(
+@dataclass
+class Evaluation:
+    """One evaluation: the summary metrics, AP per category (rows of ``category_id``, ``name``,
+    ``bbox/AP`` [, ``segm/AP``]) and the detections in COCO results format."""
+
+    metrics: dict
+    per_category: list[dict]
+    results: list[dict]
+
+
+def per_category_rows(per_category: dict, cat_ids: Sequence[int], names: Sequence[str]) -> list[dict]:
+    """``{iou_type: {cat id: AP}}`` -> one row per category, in the dataset's category order."""
+    rows = []
+    for cat_id, name in zip(cat_ids, names):
+        row = {"category_id": int(cat_id), "name": name}
+        row.update({f"{t}/AP": aps.get(int(cat_id), -1.0) for t, aps in per_category.items()})
+        rows.append(row)
+    return rows
+
+
+def format_per_category(rows: list[dict]) -> str:
+    """A Markdown table of per-category AP in percent ('-': no ground truth for it)."""
+    if not rows:
+        return ""
+    keys = [k for k in rows[0] if k.endswith("/AP")]
+    lines = ["| id | category | " + " | ".join(keys) + " |", "|---:|---|" + "---:|" * len(keys)]
+    for row in rows:
+        cells = [f"{100 * row[k]:.1f}" if row[k] >= 0 else "-" for k in keys]
+        lines.append(f"| {row['category_id']} | {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_dataset_full(
     model, dataset, device="cpu", batch_size: int = 2, num_workers: int = 0,
     progress: bool = True, collate_fn=None,
-) -> dict:
+) -> Evaluation:
     """Run ``model`` over ``dataset`` and score it with LVIS metrics when the dataset has an
     ``lvis`` ground truth, else COCO metrics; mask AP only when the model outputs masks.
     Only the images of ``dataset`` count, so a subset of a json is scored fairly."""
@@ -279,14 +332,24 @@ def evaluate_dataset(
     model.to(device)
     run = _infer(model, loader, device, progress)
     iou_types = ("bbox", "segm") if run.has_masks else ("bbox",)
+    per_category: dict = {}
     if getattr(base, "lvis", None) is not None:
-        metrics = evaluate_lvis(base.lvis, run.results, iou_types, img_ids=run.image_ids)
+        metrics = evaluate_lvis(base.lvis, run.results, iou_types, img_ids=run.image_ids, per_category=per_category)
     elif getattr(base, "coco", None) is not None:
-        metrics = evaluate_coco(base.coco, run.results, iou_types, img_ids=run.image_ids)
+        metrics = evaluate_coco(base.coco, run.results, iou_types, img_ids=run.image_ids, per_category=per_category)
     else:
         raise AttributeError(f"{type(base).__name__} has neither a coco nor an lvis ground truth")
     metrics["images_per_s"] = run.stats["images_per_s"]
-    return metrics
+    names = getattr(base, "category_names", [str(c) for c in base.cat_ids])
+    return Evaluation(metrics, per_category_rows(per_category, base.cat_ids, names), run.results)
+
+
+def evaluate_dataset(
+    model, dataset, device="cpu", batch_size: int = 2, num_workers: int = 0,
+    progress: bool = True, collate_fn=None,
+) -> dict:
+    """The metrics of :func:`evaluate_dataset_full` (periodic evaluations need no more)."""
+    return evaluate_dataset_full(model, dataset, device, batch_size, num_workers, progress, collate_fn).metrics
 
 
 # --------------------------------------------------------------------------- drawings
@@ -362,21 +425,35 @@ def visualize(
 # --------------------------------------------------------------------------- output
 
 
-def write_results_json(metrics: dict, path) -> Path:
-    """Write ``metrics`` as sorted JSON through a temp file + ``os.replace``, so a reader never
-    sees half a file and a crash leaves the previous one intact."""
+def _write_json(obj, path, **dump_kwargs) -> Path:
+    """JSON through a temp file + ``os.replace``, so a reader never sees half a file and a
+    crash leaves the previous one intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(metrics, f, sort_keys=True, indent=2, default=_jsonable)
+            json.dump(obj, f, **dump_kwargs)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_results_json(metrics: dict, path) -> Path:
+    """Write ``metrics`` as sorted, indented JSON, atomically."""
+    return _write_json(metrics, path, sort_keys=True, indent=2, default=_jsonable)
+
+
+RESULTS_FILE = "coco_instances_results.json"
+
+
+def write_coco_results(results: list[dict], path) -> Path:
+    """The standard COCO results file (``coco_instances_results.json``: image_id, category_id,
+    xywh bbox, score and RLE segmentation), which COCO/LVIS tools and servers read."""
+    return _write_json(results, path)
 
 
 def _jsonable(value):
