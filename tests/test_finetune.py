@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import CPU_FINETUNE_CONFIG, CrashAt, tiny_finetune_overrides
 from predet.cli import main as cli_main
-from predet.config import ConfigError
+from predet.config import ConfigError, to_dict
 from predet.detection.models import DetectorConfig, build_detector
 from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
 from predet.engine.optim import build_optimizer, param_groups
@@ -62,7 +65,16 @@ def test_cli_finetune_eval_export_end_to_end(fashiondet_tiny, pretrain_checkpoin
     run = tmp_path / "run"
     args = ["finetune", "--config", str(CPU_FINETUNE_CONFIG),
             *tiny_finetune_overrides(fashiondet_tiny, run, str(pretrain_checkpoint), 6, **{"train.eval_period": 3})]
-    assert cli_main(args) == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert cli_main(args) == 0
+    finally:
+        os.umask(old_umask)
+    for name in ("results.json", "config.yaml", "checkpoints/model_final.pth", "log.txt",
+                 "inference/val/coco_instances_results.json"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
+    log = (run / "log.txt").read_text()
+    assert "training data:" in log and "init weights:" in log and "\r" not in log
     out = capsys.readouterr().out
     assert "fine-tuning finished at iteration 6" in out and "bbox/AP" in out
     results = json.loads((run / "results.json").read_text())
@@ -169,3 +181,51 @@ def test_scratch_init_and_bad_annotations_through_cli(fashiondet_tiny, tmp_path,
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and "annotations[3]" in err and "category_id" in err
+
+
+def test_named_schedule_is_the_default_and_conflicts_are_errors():
+    cfg = load_finetune_config(None, ["train.batch_size=8"])
+    assert cfg.schedule == "1x"
+    solver = resolve_solver(cfg)
+    assert (solver.max_iters, solver.milestones) == (180000, [120000, 160000])  # 1x at batch 8
+    assert solver.lr == pytest.approx(0.02 * 8 / 16)
+    with pytest.raises(ConfigError, match="solver.max_iters"):
+        resolve_solver(load_finetune_config(None, ["solver.max_iters=500"]))
+    assert resolve_solver(load_finetune_config(None, ["schedule=", "solver.max_iters=500"])).max_iters == 500
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["finetune", "--config", "finetune/fashiondet_r18_cpu", "--print-config",
+                     f"train.run_dir={run}", "preset=coco/mask_rcnn/predet_ig50m", "train.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
+    assert printed["optim"]["lr_mf"] == 4.0 and printed["train"]["batch_size"] == 2  # preset + override
+    assert printed == to_dict(load_finetune_config("finetune/fashiondet_r18_cpu", [
+        f"train.run_dir={run}", "preset=coco/mask_rcnn/predet_ig50m", "train.batch_size=2"]))
+    assert "# schedule=1x at batch 2" in out and not run.exists()
+
+
+def test_files_follow_the_umask(tmp_path):
+    from predet.detection.evaluation import write_results_json
+    from predet.engine.checkpoint import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        a = atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        b = write_results_json({"x": 1}, tmp_path / "results.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(a.stat().st_mode) == 0o640 and stat.S_IMODE(b.stat().st_mode) == 0o640
+
+
+def test_scratch_with_frozen_bn_picks_group_norm_and_says_so(fashiondet_tiny, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_finetune_config(CPU_FINETUNE_CONFIG, tiny_finetune_overrides(
+        fashiondet_tiny, run, "scratch", 2, **{"model.norm": "frozen_bn", "data.val": "", "model.freeze_at": 2}))
+    out = finetune(cfg)
+    saved = load_checkpoint(out.train.last_checkpoint)["config"]["model"]
+    assert (saved["norm"], saved["freeze_at"]) == ("gn", 0)
+    log = (run / "log.txt").read_text()
+    assert "using model.norm=gn" in log and "freeze_at=2 would freeze" in log
+    assert "\r" not in log

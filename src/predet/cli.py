@@ -15,10 +15,28 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. solver.lr=0.01")
 
 
+def _add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def print_config(cfg, solver=None) -> None:
+    """The config a run would use (file + preset + overrides), as YAML it can be re-run from."""
+    import yaml
+
+    from predet.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    if solver is not None and solver != cfg.solver:
+        solved = ", ".join(f"{k}={v}" for k, v in to_dict(solver).items() if getattr(cfg.solver, k) != v)
+        print(f"# schedule={cfg.schedule} at batch {cfg.train.batch_size} (per process) runs: {solved}")
+
+
 def cmd_pretrain(args) -> None:
     from predet.pretrain import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config, args.overrides)
+    if args.print_config:
+        return print_config(cfg)
     result = pretrain(cfg)
     print(f"pre-training finished at iteration {result.iteration}; checkpoint: {result.last_checkpoint}")
     if result.skipped:
@@ -26,9 +44,12 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from predet.finetune import finetune, load_finetune_config
+    from predet.finetune import finetune, load_finetune_config, resolve_solver
 
-    out = finetune(load_finetune_config(args.config, args.overrides))
+    cfg = load_finetune_config(args.config, args.overrides)
+    if args.print_config:
+        return print_config(cfg, resolve_solver(cfg))
+    out = finetune(cfg)
     print(f"fine-tuning finished at iteration {out.train.iteration}; results: {out.results_path}")
     for split in ("val", "test"):
         if split in out.results:
@@ -130,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("pretrain", help="PreDet pre-training on weakly labelled images")
     _add_config_args(p)
+    _add_print_config(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = verbs.add_parser("finetune", help="fine-tune a detector (Mask/Faster R-CNN, RetinaNet) and evaluate it")
     _add_config_args(p)
+    _add_print_config(p)
     p.set_defaults(func=cmd_finetune)
 
     p = verbs.add_parser("eval", help="evaluate a fine-tuned checkpoint on a COCO or LVIS json")

@@ -53,6 +53,7 @@ from predet.engine.checkpoint import load_checkpoint
 from predet.engine.optim import param_groups
 from predet.engine.distributed import cleanup, get_rank, get_world_size, is_main_process
 from predet.engine.trainer import TrainResult, resolve_device, train
+from predet.runlog import run_log
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class EvalConfig:
 class FinetuneConfig:
     init: str = "scratch"  # scratch | a PreDet checkpoint | an external backbone file
     preset: str = ""  # e.g. coco/mask_rcnn/predet_ig50m (supplement Table 1)
-    schedule: str = ""  # 1x 2x 3x 6x 9x 60k 70k 130k; empty: solver.max_iters/milestones as given
+    schedule: str = "1x"  # 1x 2x 3x 6x 9x 60k 70k 130k at batch 16, scaled to the real batch; empty: solver as given
     schedule_scale: float = 1.0
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     model: DetectorConfig = field(default_factory=DetectorConfig)
@@ -115,9 +116,17 @@ def load_finetune_config(path=None, overrides=()) -> FinetuneConfig:
 
 
 def resolve_solver(cfg: FinetuneConfig, world_size: int = 1) -> SolverConfig:
-    """The solver actually run: a named schedule and its lr scaled to the real batch size."""
+    """The solver actually run: a named schedule and its lr scaled to the real batch size.
+
+    A named schedule sets the iterations and milestones, so giving them as well is an error
+    rather than silently ignored."""
     if not cfg.schedule:
         return cfg.solver
+    given = [k for k in ("max_iters", "milestones") if getattr(cfg.solver, k) != getattr(SolverConfig(), k)]
+    if given:
+        raise ConfigError(f"schedule={cfg.schedule} sets the iterations and milestones, but solver."
+                          f"{' and solver.'.join(given)} is given too: set schedule= (empty) to use yours, "
+                          "or schedule_scale to shorten the named one")
     batch = cfg.train.batch_size * world_size
     sched = resolve_schedule(cfg.schedule, batch_size=batch, schedule_scale=cfg.schedule_scale)
     factor = sched.max_iters / resolve_schedule(cfg.schedule).max_iters
@@ -184,16 +193,39 @@ class FinetuneResult:
     results_path: Path
 
 
+def scratch_settings(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[str]]:
+    """From scratch, frozen BN would freeze random statistics and ``freeze_at`` random layers:
+    GroupNorm (any batch size, any number of processes) and nothing frozen instead, as
+    from-scratch detectors are trained. Returns the config and what was changed, to say so."""
+    if cfg.init not in ("scratch", "random"):
+        return cfg, []
+    model, notes = cfg.model, []
+    if model.norm == "frozen_bn":
+        model = dataclasses.replace(model, norm="gn")
+        notes.append("model.norm=frozen_bn would freeze random BN statistics: using model.norm=gn "
+                     "(or set model.norm=syncbn / bn yourself)")
+    if model.freeze_at > 0:
+        notes.append(f"model.freeze_at={model.freeze_at} would freeze randomly initialised layers: using 0")
+        model = dataclasses.replace(model, freeze_at=0)
+    return dataclasses.replace(cfg, model=model), notes
+
+
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json lands in the run dir."""
+    """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json and log.txt land in the run dir."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a COCO or LVIS json")
-    if cfg.init in ("scratch", "random") and cfg.model.norm == "frozen_bn":
-        raise ConfigError("init=scratch with model.norm=frozen_bn freezes random BN statistics: "
-                          "train from scratch with model.norm=syncbn (or gn, or bn on one process)")
-    train_cfg = dataclasses.replace(cfg.train, sync_bn=cfg.train.sync_bn or cfg.model.norm == "syncbn")
+    resolve_solver(cfg)  # a schedule/solver conflict fails before anything is written
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_log(run_dir):
+        cfg, notes = scratch_settings(cfg)
+        for note in notes:
+            logger.warning("init=%s: %s", cfg.init, note)
+        return _finetune(cfg, run_dir)
+
+
+def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
+    train_cfg = dataclasses.replace(cfg.train, sync_bn=cfg.train.sync_bn or cfg.model.norm == "syncbn")
     masks = cfg.model.arch == "mask_rcnn"
     train_ann = training_annotations(cfg, run_dir)
     train_set = build_detection_dataset(train_ann, cfg.data.train_images, cfg.data.kind, train=True, masks=masks)

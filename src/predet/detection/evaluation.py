@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from predet.engine.checkpoint import umask_mode
+
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
 LVIS_MAX_DETS = 300
@@ -432,6 +434,7 @@ def _write_json(obj, path, **dump_kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would hide the results from the user's group
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, **dump_kwargs)
             f.write("\n")
