@@ -1,4 +1,4 @@
-"""COCO / LVIS evaluation: our numbers are pycocotools' and lvis' numbers, end to end."""
+"""COCO / LVIS evaluation: our numbers (faster-coco-eval) are pycocotools' and lvis' numbers, end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from lvis import LVIS
+from faster_coco_eval import COCO as FasterCOCO
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -121,7 +121,7 @@ class TinyDetDataset(Dataset):
             with contextlib.redirect_stdout(io.StringIO()):
                 self.coco = COCO(str(path))
         else:
-            self.lvis = LVIS(str(path))
+            self.lvis = FasterCOCO(str(path))
         self.cat_ids = [c["id"] for c in gt["categories"]]
         self.category_names = [c["name"] for c in gt["categories"]]
         self.images = sorted(gt["images"], key=lambda im: im["id"])
@@ -246,7 +246,8 @@ def test_imperfect_coco_predictions_match_cocoeval(coco_data):
     boxes = evaluate_coco(coco_data.coco, results, iou_types=("bbox",))
     assert results == untouched  # loadRes writes into its input; ours must not leak that
     expected = cocoeval_stats(coco_data.coco, results, "bbox")
-    assert [boxes[f"bbox/{k}"] for k in COCO_KEYS] == expected
+    # the same numbers up to float summation order (faster-coco-eval sums in C++)
+    assert [boxes[f"bbox/{k}"] for k in COCO_KEYS] == pytest.approx(expected, abs=1e-12)
     assert 0.0 < boxes["bbox/AP"] < 1.0
 
     # Mask AP is scored on masks alone (box dropped, as Detectron2 does) so the size ranges
@@ -254,8 +255,8 @@ def test_imperfect_coco_predictions_match_cocoeval(coco_data):
     mask_results = [{k: v for k, v in r.items() if k != "bbox"} for r in results
                     if "segmentation" in r]
     masks = evaluate_coco(coco_data.coco, mask_results, iou_types=("segm",))
-    assert [masks[f"segm/{k}"] for k in COCO_KEYS] == cocoeval_stats(
-        coco_data.coco, mask_results, "segm")
+    assert [masks[f"segm/{k}"] for k in COCO_KEYS] == pytest.approx(cocoeval_stats(
+        coco_data.coco, mask_results, "segm"), abs=1e-12)
     assert 0.0 < masks["segm/AP"] < 1.0
 
 
@@ -430,3 +431,23 @@ def test_evaluation_has_per_category_rows_and_the_results_file(coco_data, lvis_d
     assert evaluate_coco(coco_data.coco, written)["segm/AP"] == pytest.approx(1.0)
     lvis = evaluate_dataset_full(LookupModel(lvis_data), lvis_data, progress=False)
     assert [r["bbox/AP"] for r in lvis.per_category] == pytest.approx([1.0, 1.0, 1.0])
+
+
+# LVISEval of lvis 0.5.3 (the reference implementation) on imperfect_results(), bbox and segm
+LVIS_REFERENCE = {
+    "bbox/AP": 0.4174917491749175, "bbox/AP50": 0.5836083608360837, "bbox/AP75": 0.5836083608360837,
+    "bbox/APs": 0.4679867986798679, "bbox/APm": 0.7999999999999999, "bbox/APl": 0.5999999999999999,
+    "bbox/APr": 0.4316831683168317, "bbox/APc": 0.2524752475247525, "bbox/APf": 0.5683168316831682,
+    "segm/AP": 0.5016501650165016, "segm/AP50": 0.6677667766776678, "segm/AP75": 0.6677667766776678,
+    "segm/APs": 0.30132013201320135, "segm/APm": 0.7999999999999999, "segm/APl": 0.5999999999999999,
+    "segm/APr": 0.4316831683168317, "segm/APc": 0.5049504950495048, "segm/APf": 0.5683168316831682,
+}
+
+
+def test_imperfect_lvis_predictions_match_lviseval(lvis_data):
+    results = imperfect_results()
+    boxes = evaluate_lvis(lvis_data.lvis, results, iou_types=("bbox",))
+    masks = evaluate_lvis(lvis_data.lvis, [{k: v for k, v in r.items() if k != "bbox"} for r in results
+                                           if "segmentation" in r], iou_types=("segm",))
+    for key, value in {**boxes, **masks}.items():
+        assert value == pytest.approx(LVIS_REFERENCE[key], abs=1e-12), key
