@@ -158,8 +158,13 @@ def export_detectron2(detector_or_state_dict, out_path: str | Path, arch: str | 
     a fine-tuned detector predicts the same classes there. The arrays are pickled with protocol
     4 (NumPy >= 1.26.1 reads NumPy 2 array pickles).
     """
+    from predet.detection.models import stride_in_1x1
+
+    is_module = isinstance(detector_or_state_dict, nn.Module)
     payload = {"model": detectron2_state_dict(detector_or_state_dict, arch, anchors), "__author__": "predet",
-               "matching_heuristics": False}
+               "matching_heuristics": False,
+               # how the ResNet downsamples, so an import back needs no question (None: not known)
+               "stride_in_1x1": stride_in_1x1(detector_or_state_dict) if is_module else None}
     return atomic_write(out_path, lambda f: pickle.dump(payload, f, protocol=4))
 
 
@@ -198,7 +203,7 @@ def detectron2_config(cfg: DetectorConfig, num_classes: int, detector: nn.Module
         "PIXEL_MEAN": mean, "PIXEL_STD": std,
         "BACKBONE": {"NAME": D2_RETINANET_P5_BACKBONE if retina else "build_resnet_fpn_backbone",
                      "FREEZE_AT": cfg.freeze_at},
-        "RESNETS": {"STRIDE_IN_1X1": False, "NORM": norm, "OUT_FEATURES": [f"res{i}" for i in range(first, 6)],
+        "RESNETS": {"STRIDE_IN_1X1": cfg.stride_in_1x1, "NORM": norm, "OUT_FEATURES": [f"res{i}" for i in range(first, 6)],
                     **D2_RESNETS[cfg.backbone]},
         "FPN": {"IN_FEATURES": [f"res{i}" for i in range(first, 6)], "OUT_CHANNELS": cfg.fpn_channels,
                 "NORM": "GN" if cfg.norm == "gn" else ""},

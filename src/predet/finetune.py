@@ -48,7 +48,7 @@ from predet.detection.evaluation import (
 from predet.detection.models import DetectorConfig, build_detector
 from predet.detection.presets import preset_overrides
 from predet.detection.schedules import resolve_schedule, scale_lr
-from predet.detection.transfer import load_init_weights
+from predet.detection.transfer import init_layout, load_init_weights
 from predet.engine.checkpoint import load_checkpoint
 from predet.engine.optim import param_groups
 from predet.engine.distributed import cleanup, get_rank, get_world_size, is_main_process
@@ -89,6 +89,8 @@ class EvalConfig:
 @dataclass
 class FinetuneConfig:
     init: str = "scratch"  # scratch | a PreDet checkpoint | an external backbone file
+    init_stride_in_1x1: str = "auto"  # Detectron2 weights: auto (from the file) | true (D2 default) | false
+    init_input_format: str = "auto"  # Detectron2 weights: auto | BGR (D2 default, 0..255) | RGB (torchvision)
     preset: str = ""  # e.g. coco/mask_rcnn/predet_ig50m (supplement Table 1)
     schedule: str = "1x"  # 1x 2x 3x 6x 9x 60k 70k 130k at batch 16, scaled to the real batch; empty: solver as given
     schedule_scale: float = 1.0
@@ -224,7 +226,19 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         return _finetune(cfg, run_dir)
 
 
+def match_init_layout(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Build the ResNet the way the init weights were trained: Detectron2/MSRA weights
+    downsample in the 1x1 conv (``model.stride_in_1x1``), torchvision ones in the 3x3."""
+    layout = init_layout(cfg.init, cfg.init_stride_in_1x1, cfg.init_input_format)
+    if layout.stride_in_1x1 is None or layout.stride_in_1x1 == cfg.model.stride_in_1x1:
+        return cfg
+    logger.info("%s: %s downsample in the %s conv: model.stride_in_1x1=%s", cfg.init, layout.why,
+                "1x1" if layout.stride_in_1x1 else "3x3", str(layout.stride_in_1x1).lower())
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, stride_in_1x1=layout.stride_in_1x1))
+
+
 def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
+    cfg = match_init_layout(cfg)
     train_cfg = dataclasses.replace(cfg.train, sync_bn=cfg.train.sync_bn or cfg.model.norm == "syncbn")
     masks = cfg.model.arch == "mask_rcnn"
     train_ann = training_annotations(cfg, run_dir)
@@ -236,7 +250,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
 
     torch.manual_seed(cfg.train.seed)
     detector = build_detector(cfg.model, num_classes=len(train_set.cat_ids))
-    report = load_init_weights(detector, cfg.init, cfg.model.arch)
+    report = load_init_weights(detector, cfg.init, cfg.model.arch, cfg.init_stride_in_1x1, cfg.init_input_format)
     if is_main_process():
         (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
 
