@@ -44,11 +44,12 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from predet.finetune import finetune, load_finetune_config, resolve_solver
+    from predet.finetune import finetune, load_finetune_config, resolve_solver, resolved_config
 
     cfg = load_finetune_config(args.config, args.overrides)
     if args.print_config:
-        return print_config(cfg, resolve_solver(cfg))
+        resolved = resolved_config(cfg)
+        return print_config(resolved, resolve_solver(resolved))
     out = finetune(cfg)
     print(f"fine-tuning finished at iteration {out.train.iteration}; results: {out.results_path}")
     for split in ("val", "test"):

@@ -237,6 +237,11 @@ def match_init_layout(cfg: FinetuneConfig) -> FinetuneConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, stride_in_1x1=layout.stride_in_1x1))
 
 
+def resolved_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The config a run actually trains with (what ``--print-config`` shows)."""
+    return match_init_layout(scratch_settings(cfg)[0])
+
+
 def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
     cfg = match_init_layout(cfg)
     train_cfg = dataclasses.replace(cfg.train, sync_bn=cfg.train.sync_bn or cfg.model.norm == "syncbn")
