@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -299,8 +300,10 @@ def test_one_table_both_ways():
 def test_export_pretrained(predet_ckpt, tmp_path):
     path, src = predet_ckpt
     paths = export_pretrained(path, tmp_path / "out", arch="mask_rcnn")
-    tv_path, d2_path = paths
-    assert tv_path.suffix == ".safetensors" and d2_path.suffix == ".pkl"
+    tv_path, meta_path, d2_path = paths
+    assert tv_path.suffix == ".safetensors" and meta_path.suffix == ".json" and d2_path.suffix == ".pkl"
+    meta = json.loads(meta_path.read_text())  # what a torchvision user needs to build the model
+    assert (meta["backbone"], meta["fpn_channels"], meta["box_head_dim"]) == ("resnet18", 32, 64)
     tv = load_file(str(tv_path))
     expected = expected_two_stage(src)
     assert set(k for k in tv if not k.endswith("num_batches_tracked")) == set(expected)

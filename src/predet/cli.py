@@ -58,9 +58,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from predet.finetune import evaluate_checkpoint
-
     from predet.detection.evaluation import format_per_category
+    from predet.finetune import evaluate_checkpoint
 
     evaluation = evaluate_checkpoint(args.checkpoint, args.data, args.images, args.kind, args.device,
                                      args.batch_size, args.visualize, args.out)

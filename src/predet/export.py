@@ -302,8 +302,12 @@ def export_pretrained(checkpoint_path: str | Path, out_dir: str | Path,
     out_dir = Path(out_dir)
     paths = []
     if "torchvision" in formats:
-        meta = {"source": str(path), "arch": arch, "backbone": cfg.backbone, "kind": "predet_pretrain"}
+        meta = {"source": str(path), "kind": "predet_pretrain", **export_metadata(cfg, detector)}
+        for key in ("labels", "num_classes_with_background", "rebuild"):  # class heads are not exported
+            meta.pop(key)
         paths.append(export_torchvision(state, out_dir / f"{path.stem}-{arch}.safetensors", meta))
+        text = json.dumps(meta, indent=1) + "\n"
+        paths.append(atomic_write(out_dir / f"{path.stem}-{arch}.json", lambda f: f.write(text.encode())))
     if "detectron2" in formats:
         paths.append(export_detectron2(state, out_dir / f"{path.stem}-{arch}-detectron2.pkl", arch))
     return paths
