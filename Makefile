@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,lvis]'
+	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist when we may install it; otherwise

@@ -37,9 +37,8 @@ from predet.pretext import weight_change
 from predet.report import plot_pretext_curves, write_report
 from predet.sweep import parse_grid_args, run_command, sweep, thread_env
 
-ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN_CONFIG = ROOT / "configs" / "pretrain" / "fashiondet_r18_cpu.yaml"
-FINETUNE_CONFIG = ROOT / "configs" / "finetune" / "fashiondet_r18_cpu.yaml"
+PRETRAIN_CONFIG = "pretrain/fashiondet_r18_cpu"
+FINETUNE_CONFIG = "finetune/fashiondet_r18_cpu"
 VARIANTS = {  # name -> overrides ({weak} is the weak set's folder)
     "predet": [],
     "supervised": ["data.train={weak}/clean_labels.jsonl", "loss.lambda_rpn=0", "loss.lambda_roi=0"],

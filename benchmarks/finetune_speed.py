@@ -26,7 +26,7 @@ from predet.engine.optim import build_optimizer
 from predet.engine.trainer import train
 from predet.finetune import load_finetune_config, resolve_solver
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "fashiondet_r18_cpu.yaml"
+CONFIG = "finetune/fashiondet_r18_cpu"
 
 
 class StepClock:
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     ours, plain = (ours_1 + ours_2) / 2, (plain_1 + plain_2) / 2
     result = {
         "device": str(device), "torch": torch.__version__, "machine": platform.machine(),
-        "threads": torch.get_num_threads(), "quick": args.quick, "config": str(CONFIG.relative_to(CONFIG.parents[2])),
+        "threads": torch.get_num_threads(), "quick": args.quick, "config": CONFIG,
         "images_per_step": cfg.train.batch_size, "image_size": cfg.model.min_size, "timed_steps": steps - warmup,
         "finetune_step_over_torchvision_loop": round(ours / plain, 3),
         "step_seconds": {"ours": round(ours, 4), "torchvision_loop": round(plain, 4),

@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, finishes in under a minute on 2 cores")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", default="configs/pretrain/fashiondet_r18_cpu.yaml",
+    parser.add_argument("--config", default="pretrain/fashiondet_r18_cpu",
                         help="pre-training config whose model and view size are benchmarked")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

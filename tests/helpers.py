@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def two_view_batch(n=2, size=64, q=4, seed=0, num_classes=5) -> dict:
     return batch
 
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(str(importlib.resources.files("predet") / "configs"))
 CPU_PRETRAIN_CONFIG = CONFIGS / "pretrain" / "fashiondet_r18_cpu.yaml"
 CPU_FINETUNE_CONFIG = CONFIGS / "finetune" / "fashiondet_r18_cpu.yaml"
 

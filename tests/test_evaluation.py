@@ -1,4 +1,4 @@
-"""COCO / LVIS evaluation: our numbers are pycocotools' and lvis' numbers, end to end."""
+"""COCO / LVIS evaluation: our numbers (faster-coco-eval) are pycocotools' and lvis' numbers, end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from lvis import LVIS
+from faster_coco_eval import COCO as FasterCOCO
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -121,7 +121,7 @@ class TinyDetDataset(Dataset):
             with contextlib.redirect_stdout(io.StringIO()):
                 self.coco = COCO(str(path))
         else:
-            self.lvis = LVIS(str(path))
+            self.lvis = FasterCOCO(str(path))
         self.cat_ids = [c["id"] for c in gt["categories"]]
         self.category_names = [c["name"] for c in gt["categories"]]
         self.images = sorted(gt["images"], key=lambda im: im["id"])
@@ -246,7 +246,8 @@ def test_imperfect_coco_predictions_match_cocoeval(coco_data):
     boxes = evaluate_coco(coco_data.coco, results, iou_types=("bbox",))
     assert results == untouched  # loadRes writes into its input; ours must not leak that
     expected = cocoeval_stats(coco_data.coco, results, "bbox")
-    assert [boxes[f"bbox/{k}"] for k in COCO_KEYS] == expected
+    # the same numbers up to float summation order (faster-coco-eval sums in C++)
+    assert [boxes[f"bbox/{k}"] for k in COCO_KEYS] == pytest.approx(expected, abs=1e-12)
     assert 0.0 < boxes["bbox/AP"] < 1.0
 
     # Mask AP is scored on masks alone (box dropped, as Detectron2 does) so the size ranges
@@ -254,8 +255,8 @@ def test_imperfect_coco_predictions_match_cocoeval(coco_data):
     mask_results = [{k: v for k, v in r.items() if k != "bbox"} for r in results
                     if "segmentation" in r]
     masks = evaluate_coco(coco_data.coco, mask_results, iou_types=("segm",))
-    assert [masks[f"segm/{k}"] for k in COCO_KEYS] == cocoeval_stats(
-        coco_data.coco, mask_results, "segm")
+    assert [masks[f"segm/{k}"] for k in COCO_KEYS] == pytest.approx(cocoeval_stats(
+        coco_data.coco, mask_results, "segm"), abs=1e-12)
     assert 0.0 < masks["segm/AP"] < 1.0
 
 
@@ -393,3 +394,60 @@ def test_write_results_json_is_sorted_and_atomic(tmp_path):
     write_results_json({"bbox/AP": 0.75}, path)
     assert json.loads(path.read_text()) == {"bbox/AP": 0.75}
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temp file left
+
+
+def test_per_category_ap_is_cocoeval_on_that_category_alone(coco_data):
+    results = [r for r in imperfect_results() if "segmentation" in r] + [imperfect_results()[-1]]
+    per_category = {}
+    evaluate_coco(coco_data.coco, results, iou_types=("bbox",), per_category=per_category)
+    seen = []
+    for cat_id, _, _ in CATEGORIES:
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(coco_data.coco, coco_data.coco.loadRes(copy.deepcopy(results)), "bbox")
+            evaluator.params.catIds = [cat_id]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        assert per_category["bbox"][cat_id] == pytest.approx(evaluator.stats[0], abs=1e-12), cat_id
+        seen.append(per_category["bbox"][cat_id])
+    assert len(set(seen)) > 1  # the categories really differ in this fixture
+
+
+def test_evaluation_has_per_category_rows_and_the_results_file(coco_data, lvis_data, tmp_path):
+    from predet.detection.evaluation import evaluate_dataset_full, format_per_category, write_coco_results
+
+    evaluation = evaluate_dataset_full(LookupModel(coco_data), coco_data, progress=False)
+    assert [r["name"] for r in evaluation.per_category] == ["shirt", "shoe", "bag"]
+    assert [r["category_id"] for r in evaluation.per_category] == [3, 7, 11]
+    assert all(r["bbox/AP"] == pytest.approx(1.0) and r["segm/AP"] == pytest.approx(1.0)
+               for r in evaluation.per_category)
+    assert "| 7 | shoe | 100.0 | 100.0 |" in format_per_category(evaluation.per_category)
+    path = write_coco_results(evaluation.results, tmp_path / "coco_instances_results.json")
+    written = json.loads(path.read_text())
+    assert len(written) == sum(len(v) for v in OBJECTS.values())
+    assert set(written[0]) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+    assert isinstance(written[0]["segmentation"]["counts"], str) and len(written[0]["bbox"]) == 4
+    # the file is what the COCO tools read: scoring it again gives the same AP
+    assert evaluate_coco(coco_data.coco, written)["segm/AP"] == pytest.approx(1.0)
+    lvis = evaluate_dataset_full(LookupModel(lvis_data), lvis_data, progress=False)
+    assert [r["bbox/AP"] for r in lvis.per_category] == pytest.approx([1.0, 1.0, 1.0])
+
+
+# LVISEval of lvis 0.5.3 (the reference implementation) on imperfect_results(), bbox and segm
+LVIS_REFERENCE = {
+    "bbox/AP": 0.4174917491749175, "bbox/AP50": 0.5836083608360837, "bbox/AP75": 0.5836083608360837,
+    "bbox/APs": 0.4679867986798679, "bbox/APm": 0.7999999999999999, "bbox/APl": 0.5999999999999999,
+    "bbox/APr": 0.4316831683168317, "bbox/APc": 0.2524752475247525, "bbox/APf": 0.5683168316831682,
+    "segm/AP": 0.5016501650165016, "segm/AP50": 0.6677667766776678, "segm/AP75": 0.6677667766776678,
+    "segm/APs": 0.30132013201320135, "segm/APm": 0.7999999999999999, "segm/APl": 0.5999999999999999,
+    "segm/APr": 0.4316831683168317, "segm/APc": 0.5049504950495048, "segm/APf": 0.5683168316831682,
+}
+
+
+def test_imperfect_lvis_predictions_match_lviseval(lvis_data):
+    results = imperfect_results()
+    boxes = evaluate_lvis(lvis_data.lvis, results, iou_types=("bbox",))
+    masks = evaluate_lvis(lvis_data.lvis, [{k: v for k, v in r.items() if k != "bbox"} for r in results
+                                           if "segmentation" in r], iou_types=("segm",))
+    for key, value in {**boxes, **masks}.items():
+        assert value == pytest.approx(LVIS_REFERENCE[key], abs=1e-12), key

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import CPU_FINETUNE_CONFIG, CrashAt, tiny_finetune_overrides
 from predet.cli import main as cli_main
-from predet.config import ConfigError
+from predet.config import ConfigError, to_dict
 from predet.detection.models import DetectorConfig, build_detector
 from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
 from predet.engine.optim import build_optimizer, param_groups
@@ -61,7 +65,16 @@ def test_cli_finetune_eval_export_end_to_end(fashiondet_tiny, pretrain_checkpoin
     run = tmp_path / "run"
     args = ["finetune", "--config", str(CPU_FINETUNE_CONFIG),
             *tiny_finetune_overrides(fashiondet_tiny, run, str(pretrain_checkpoint), 6, **{"train.eval_period": 3})]
-    assert cli_main(args) == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert cli_main(args) == 0
+    finally:
+        os.umask(old_umask)
+    for name in ("results.json", "config.yaml", "checkpoints/model_final.pth", "log.txt",
+                 "inference/val/coco_instances_results.json"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
+    log = (run / "log.txt").read_text()
+    assert "training data:" in log and "init weights:" in log and "\r" not in log
     out = capsys.readouterr().out
     assert "fine-tuning finished at iteration 6" in out and "bbox/AP" in out
     results = json.loads((run / "results.json").read_text())
@@ -71,20 +84,67 @@ def test_cli_finetune_eval_export_end_to_end(fashiondet_tiny, pretrain_checkpoin
     assert [e["iteration"] for e in evals] == [3, 6]
     report = json.loads((run / "init_report.json").read_text())
     assert len(report["loaded"]) > 50
+    names = [c["name"] for c in json.loads((fashiondet_tiny / "det" / "annotations" / "val.json").read_text())["categories"]]
+    assert [row["name"] for row in results["per_category"]["val"]] == names
+    detections = json.loads((run / "inference" / "val" / "coco_instances_results.json").read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(detections[0])
 
     final = run / "checkpoints" / "model_final.pth"
     val = fashiondet_tiny / "det" / "annotations" / "val.json"
     assert cli_main(["eval", "--checkpoint", str(final), "--data", str(val), "--visualize", "2",
                      "--out", str(tmp_path / "eval")]) == 0
-    assert "segm/AP" in capsys.readouterr().out
-    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["bbox/AP"] == results["val"]["bbox/AP"]
+    eval_out = capsys.readouterr().out
+    assert "segm/AP" in eval_out and "| category |" in eval_out
+    evaluated = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert evaluated["bbox/AP"] == results["val"]["bbox/AP"]
+    assert evaluated["per_category"] == results["per_category"]["val"]
     assert len(list((tmp_path / "eval" / "visualize").glob("*.png"))) == 2
+
+    assert json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text())
+
+    # predict: a folder of unlabelled images, and a COCO image-info json
+    images = fashiondet_tiny / "det" / "images"
+    assert cli_main(["predict", "--checkpoint", str(final), "--images", str(images), "--out", str(tmp_path / "pred"),
+                     "--score-thresh", "0.01", "--visualize", "1", "--no-progress"]) == 0
+    assert "detections on" in capsys.readouterr().out
+    info = json.loads((tmp_path / "pred" / "image_info.json").read_text())
+    files = sorted(p for p in images.rglob("*") if p.is_file())
+    assert [im["file_name"] for im in info["images"]] == [p.relative_to(images).as_posix() for p in files]
+    predicted = json.loads((tmp_path / "pred" / "coco_instances_results.json").read_text())
+    assert predicted and min(r["score"] for r in predicted) >= 0.01
+    assert {r["image_id"] for r in predicted} <= {im["id"] for im in info["images"]}
+    assert {r["category_id"] for r in predicted} <= {c["id"] for c in info["categories"]}
+    assert len(list((tmp_path / "pred" / "visualize").glob("*.png"))) == 1
+    image_info = tmp_path / "image_info.json"
+    image_info.write_text(json.dumps({"images": [{"id": im["id"], "file_name": im["file_name"]}
+                                                 for im in json.loads(val.read_text())["images"]]}))
+    assert cli_main(["predict", "--checkpoint", str(final), "--images", str(image_info), "--image-root", str(images),
+                     "--out", str(tmp_path / "pred2"), "--no-progress"]) == 0
+    val_ids = {im["id"] for im in json.loads(val.read_text())["images"]}
+    assert {r["image_id"] for r in json.loads((tmp_path / "pred2" / "coco_instances_results.json").read_text())} <= val_ids
+    capsys.readouterr()
+    assert cli_main(["predict", "--checkpoint", str(final), "--images", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "no such image folder" in capsys.readouterr().err
 
     assert cli_main(["export", "--checkpoint", str(final), "--out", str(tmp_path / "export")]) == 0
     exported = load_file(next((tmp_path / "export").glob("*.safetensors")))
     weights = load_checkpoint(final)["model"]
     assert torch.equal(exported["backbone.fpn.inner_blocks.0.0.weight"], weights["backbone.fpn.inner_blocks.0.0.weight"])
     assert list((tmp_path / "export").glob("*-detectron2.pkl"))
+    # metadata to rebuild the detector and map labels, in the header and in a JSON beside it
+    meta = json.loads(next((tmp_path / "export").glob("*-mask_rcnn.json")).read_text())
+    with safe_open(str(next((tmp_path / "export").glob("*.safetensors"))), "pt") as f:
+        header = f.metadata()
+    assert json.loads(header["labels"]) == meta["labels"] and header["arch"] == "mask_rcnn"
+    val_json = json.loads(val.read_text())
+    assert [meta["labels"][str(i + 1)]["category_id"] for i in range(len(meta["labels"]))] == \
+        [c["id"] for c in val_json["categories"]]
+    assert meta["labels"]["1"]["name"] == val_json["categories"][0]["name"]
+    assert meta["image_mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["min_size"] == 96
+    rebuilt = build_detector(DetectorConfig(**meta["config"]), meta["num_classes_with_background"] - 1)
+    rebuilt.load_state_dict({k: v for k, v in exported.items() if not k.endswith("num_batches_tracked")})
+    fragment = (tmp_path / "export" / "model_final-mask_rcnn-detectron2.yaml").read_text()
+    assert "STRIDE_IN_1X1: false" in fragment and "model_final-mask_rcnn-detectron2.pkl" in fragment
 
 
 
@@ -121,3 +181,51 @@ def test_scratch_init_and_bad_annotations_through_cli(fashiondet_tiny, tmp_path,
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and "annotations[3]" in err and "category_id" in err
+
+
+def test_named_schedule_is_the_default_and_conflicts_are_errors():
+    cfg = load_finetune_config(None, ["train.batch_size=8"])
+    assert cfg.schedule == "1x"
+    solver = resolve_solver(cfg)
+    assert (solver.max_iters, solver.milestones) == (180000, [120000, 160000])  # 1x at batch 8
+    assert solver.lr == pytest.approx(0.02 * 8 / 16)
+    with pytest.raises(ConfigError, match="solver.max_iters"):
+        resolve_solver(load_finetune_config(None, ["solver.max_iters=500"]))
+    assert resolve_solver(load_finetune_config(None, ["schedule=", "solver.max_iters=500"])).max_iters == 500
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["finetune", "--config", "finetune/fashiondet_r18_cpu", "--print-config",
+                     f"train.run_dir={run}", "preset=coco/mask_rcnn/predet_ig50m", "train.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
+    assert printed["optim"]["lr_mf"] == 4.0 and printed["train"]["batch_size"] == 2  # preset + override
+    assert printed == to_dict(load_finetune_config("finetune/fashiondet_r18_cpu", [
+        f"train.run_dir={run}", "preset=coco/mask_rcnn/predet_ig50m", "train.batch_size=2"]))
+    assert "# schedule=1x at batch 2" in out and not run.exists()
+
+
+def test_files_follow_the_umask(tmp_path):
+    from predet.detection.evaluation import write_results_json
+    from predet.engine.checkpoint import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        a = atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        b = write_results_json({"x": 1}, tmp_path / "results.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(a.stat().st_mode) == 0o640 and stat.S_IMODE(b.stat().st_mode) == 0o640
+
+
+def test_scratch_with_frozen_bn_picks_group_norm_and_says_so(fashiondet_tiny, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_finetune_config(CPU_FINETUNE_CONFIG, tiny_finetune_overrides(
+        fashiondet_tiny, run, "scratch", 2, **{"model.norm": "frozen_bn", "data.val": "", "model.freeze_at": 2}))
+    out = finetune(cfg)
+    saved = load_checkpoint(out.train.last_checkpoint)["config"]["model"]
+    assert (saved["norm"], saved["freeze_at"]) == ("gn", 0)
+    log = (run / "log.txt").read_text()
+    assert "using model.norm=gn" in log and "freeze_at=2 would freeze" in log
+    assert "\r" not in log

@@ -383,3 +383,17 @@ def test_cli_report_and_paper_tables(report_runs, tmp_path, capsys):
     assert "Table 4. Results on LVIS-v1" in table4
 
     assert cli_main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_report_per_category_ap_mean_over_seeds(tmp_path):
+    root = tmp_path / "runs"
+    for seed, (shirt, shoe) in enumerate(((0.5, 0.1), (0.7, -1.0))):
+        run = _fake_run(root, "predet", PREDET_INIT, "1x", "mask_rcnn", seed, {"bbox/AP": 0.3}, {"bbox/AP": 0.3})
+        data = json.loads((run / "results.json").read_text())
+        data["per_category"] = {"test": [{"category_id": 3, "name": "shirt", "bbox/AP": shirt},
+                                         {"category_id": 7, "name": "shoe", "bbox/AP": shoe}]}
+        (run / "results.json").write_text(json.dumps(data))
+    written = write_report([root], tmp_path / "report")
+    text = written["per_category"].read_text()
+    assert "| 3 | shirt | 60.0 ± 14.1 |" in text  # two seeds
+    assert "| 7 | shoe | 10.0 |" in text  # -1 (no ground truth in a split) is left out

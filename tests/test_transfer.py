@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -217,7 +218,8 @@ def test_detectron2_pkl_round_trip(tmp_path):
     pth = tmp_path / "d2.pth"
     torch.save({"model": {k: torch.from_numpy(v) for k, v in data["model"].items()}}, pth)
     det2 = tiny_detector("mask_rcnn", seed=7)
-    assert set(load_init_weights(det2, str(pth), "mask_rcnn").loaded) == expected
+    # no __author__: the file does not say which input it expects, so the user does
+    assert set(load_init_weights(det2, str(pth), "mask_rcnn", input_format="RGB").loaded) == expected
     # and into RetinaNet: the body and the C3..C5 FPN levels
     ret = tiny_detector("retinanet")
     load_init_weights(ret, str(path), "retinanet")
@@ -298,8 +300,10 @@ def test_one_table_both_ways():
 def test_export_pretrained(predet_ckpt, tmp_path):
     path, src = predet_ckpt
     paths = export_pretrained(path, tmp_path / "out", arch="mask_rcnn")
-    tv_path, d2_path = paths
-    assert tv_path.suffix == ".safetensors" and d2_path.suffix == ".pkl"
+    tv_path, meta_path, d2_path = paths
+    assert tv_path.suffix == ".safetensors" and meta_path.suffix == ".json" and d2_path.suffix == ".pkl"
+    meta = json.loads(meta_path.read_text())  # what a torchvision user needs to build the model
+    assert (meta["backbone"], meta["fpn_channels"], meta["box_head_dim"]) == ("resnet18", 32, 64)
     tv = load_file(str(tv_path))
     expected = expected_two_stage(src)
     assert set(k for k in tv if not k.endswith("num_batches_tracked")) == set(expected)

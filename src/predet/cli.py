@@ -11,14 +11,32 @@ from predet.config import ConfigError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("--config", help="YAML file, or a shipped config by name, e.g. finetune/fashiondet_r18_cpu")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. solver.lr=0.01")
+
+
+def _add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def print_config(cfg, solver=None) -> None:
+    """The config a run would use (file + preset + overrides), as YAML it can be re-run from."""
+    import yaml
+
+    from predet.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    if solver is not None and solver != cfg.solver:
+        solved = ", ".join(f"{k}={v}" for k, v in to_dict(solver).items() if getattr(cfg.solver, k) != v)
+        print(f"# schedule={cfg.schedule} at batch {cfg.train.batch_size} (per process) runs: {solved}")
 
 
 def cmd_pretrain(args) -> None:
     from predet.pretrain import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config, args.overrides)
+    if args.print_config:
+        return print_config(cfg)
     result = pretrain(cfg)
     print(f"pre-training finished at iteration {result.iteration}; checkpoint: {result.last_checkpoint}")
     if result.skipped:
@@ -26,9 +44,13 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from predet.finetune import finetune, load_finetune_config
+    from predet.finetune import finetune, load_finetune_config, resolve_solver, resolved_config
 
-    out = finetune(load_finetune_config(args.config, args.overrides))
+    cfg = load_finetune_config(args.config, args.overrides)
+    if args.print_config:
+        resolved = resolved_config(cfg)
+        return print_config(resolved, resolve_solver(resolved))
+    out = finetune(cfg)
     print(f"fine-tuning finished at iteration {out.train.iteration}; results: {out.results_path}")
     for split in ("val", "test"):
         if split in out.results:
@@ -36,11 +58,23 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from predet.detection.evaluation import format_per_category
     from predet.finetune import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.images, args.kind, args.device,
-                                  args.batch_size, args.visualize, args.out)
-    print(format_metrics(metrics))
+    evaluation = evaluate_checkpoint(args.checkpoint, args.data, args.images, args.kind, args.device,
+                                     args.batch_size, args.visualize, args.out)
+    print(format_metrics(evaluation.metrics))
+    print(format_per_category(evaluation.per_category))
+
+
+def cmd_predict(args) -> None:
+    from predet.predict import predict
+
+    out = predict(args.checkpoint, args.images, args.out, args.score_thresh, args.image_root, args.device,
+                  args.batch_size, args.visualize, progress=not args.no_progress)
+    print(f"{out.detections} detections on {out.images} images: {out.results_path} (images: {out.image_info_path})")
+    if out.drawings:
+        print(f"drawings: {out.drawings[0].parent}")
 
 
 def cmd_export(args) -> None:
@@ -104,7 +138,9 @@ def cmd_report(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     print(written["text"])
-    for path in [written["markdown"], written["csv"], *written["plots"]]:
+    for path in [written["markdown"], written["csv"], written["per_category"], *written["plots"]]:
+        if path is None:
+            continue
         print(f"wrote {path}")
     return 0
 
@@ -115,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("pretrain", help="PreDet pre-training on weakly labelled images")
     _add_config_args(p)
+    _add_print_config(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = verbs.add_parser("finetune", help="fine-tune a detector (Mask/Faster R-CNN, RetinaNet) and evaluate it")
     _add_config_args(p)
+    _add_print_config(p)
     p.set_defaults(func=cmd_finetune)
 
     p = verbs.add_parser("eval", help="evaluate a fine-tuned checkpoint on a COCO or LVIS json")
@@ -131,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="write N PNGs of predictions")
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("predict", help="detections for unlabelled images as a COCO results file")
+    p.add_argument("--checkpoint", required=True, help="a predet finetune checkpoint")
+    p.add_argument("--images", required=True, help="an image folder, or a COCO image-info json (e.g. test-dev)")
+    p.add_argument("--image-root", default=None, help="folder of an image-info json's file names (default: its folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this "
+                   "(default: the checkpoint's model.score_thresh)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--visualize", type=int, default=0, metavar="N", help="draw the first N images' detections")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
 
     p = verbs.add_parser("export", help="export weights for plain torchvision and for Detectron2")
     p.add_argument("--checkpoint", required=True, help="a pretrain or finetune checkpoint")

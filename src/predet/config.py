@@ -8,6 +8,7 @@ error listing the valid ones. The same ``key=value`` grammar is used on the comm
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,12 +176,34 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package, e.g. ``finetune/fashiondet_r18_cpu``."""
+    root = importlib.resources.files("predet") / "configs"
+    return sorted(f"{group.name}/{f.name[:-5]}" for group in root.iterdir() if group.is_dir()
+                  for f in group.iterdir() if f.name.endswith(".yaml"))
+
+
+def shipped_config(name: str | Path):
+    """The shipped config called ``name`` (``finetune/x``, ``finetune/x.yaml`` or a path ending in
+    ``configs/finetune/x.yaml``, as the docs write it), or None; found with importlib.resources
+    so it works from a wheel, not only from a source checkout."""
+    parts = Path(name).parts
+    if "configs" in parts:
+        parts = parts[len(parts) - parts[::-1].index("configs"):]
+    if not parts:
+        return None
+    parts = (*parts[:-1], parts[-1] if parts[-1].endswith(".yaml") else parts[-1] + ".yaml")
+    resource = importlib.resources.files("predet").joinpath("configs", *parts)
+    return resource if resource.is_file() else None
+
+
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """A YAML file, or a shipped config by name when no such file exists."""
+    source = Path(path) if Path(path).is_file() else shipped_config(path)
+    if source is None:
+        raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(source.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):

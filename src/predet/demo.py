@@ -19,9 +19,8 @@ from predet.report import write_report
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PRETRAIN_CONFIG = CONFIGS / "pretrain" / "fashiondet_r18_cpu.yaml"
-FINETUNE_CONFIG = CONFIGS / "finetune" / "fashiondet_r18_cpu.yaml"
+PRETRAIN_CONFIG = "pretrain/fashiondet_r18_cpu"  # shipped configs, by name (predet.config.shipped_config)
+FINETUNE_CONFIG = "finetune/fashiondet_r18_cpu"
 
 # "small" is the shipped CPU configs as they are; "tiny" shrinks everything to a smoke test.
 PROFILES = {

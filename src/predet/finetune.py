@@ -36,15 +36,24 @@ from predet.detection.datasets import (
     subset_path,
     write_subset,
 )
-from predet.detection.evaluation import evaluate_dataset, visualize, write_results_json
+from predet.detection.evaluation import (
+    RESULTS_FILE,
+    Evaluation,
+    evaluate_dataset,
+    evaluate_dataset_full,
+    visualize,
+    write_coco_results,
+    write_results_json,
+)
 from predet.detection.models import DetectorConfig, build_detector
 from predet.detection.presets import preset_overrides
 from predet.detection.schedules import resolve_schedule, scale_lr
-from predet.detection.transfer import load_init_weights
+from predet.detection.transfer import init_layout, load_init_weights
 from predet.engine.checkpoint import load_checkpoint
 from predet.engine.optim import param_groups
 from predet.engine.distributed import cleanup, get_rank, get_world_size, is_main_process
 from predet.engine.trainer import TrainResult, resolve_device, train
+from predet.runlog import run_log
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +89,10 @@ class EvalConfig:
 @dataclass
 class FinetuneConfig:
     init: str = "scratch"  # scratch | a PreDet checkpoint | an external backbone file
+    init_stride_in_1x1: str = "auto"  # Detectron2 weights: auto (from the file) | true (D2 default) | false
+    init_input_format: str = "auto"  # Detectron2 weights: auto | BGR (D2 default, 0..255) | RGB (torchvision)
     preset: str = ""  # e.g. coco/mask_rcnn/predet_ig50m (supplement Table 1)
-    schedule: str = ""  # 1x 2x 3x 6x 9x 60k 70k 130k; empty: solver.max_iters/milestones as given
+    schedule: str = "1x"  # 1x 2x 3x 6x 9x 60k 70k 130k at batch 16, scaled to the real batch; empty: solver as given
     schedule_scale: float = 1.0
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     model: DetectorConfig = field(default_factory=DetectorConfig)
@@ -107,9 +118,17 @@ def load_finetune_config(path=None, overrides=()) -> FinetuneConfig:
 
 
 def resolve_solver(cfg: FinetuneConfig, world_size: int = 1) -> SolverConfig:
-    """The solver actually run: a named schedule and its lr scaled to the real batch size."""
+    """The solver actually run: a named schedule and its lr scaled to the real batch size.
+
+    A named schedule sets the iterations and milestones, so giving them as well is an error
+    rather than silently ignored."""
     if not cfg.schedule:
         return cfg.solver
+    given = [k for k in ("max_iters", "milestones") if getattr(cfg.solver, k) != getattr(SolverConfig(), k)]
+    if given:
+        raise ConfigError(f"schedule={cfg.schedule} sets the iterations and milestones, but solver."
+                          f"{' and solver.'.join(given)} is given too: set schedule= (empty) to use yours, "
+                          "or schedule_scale to shorten the named one")
     batch = cfg.train.batch_size * world_size
     sched = resolve_schedule(cfg.schedule, batch_size=batch, schedule_scale=cfg.schedule_scale)
     factor = sched.max_iters / resolve_schedule(cfg.schedule).max_iters
@@ -176,16 +195,56 @@ class FinetuneResult:
     results_path: Path
 
 
+def scratch_settings(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[str]]:
+    """From scratch, frozen BN would freeze random statistics and ``freeze_at`` random layers:
+    GroupNorm (any batch size, any number of processes) and nothing frozen instead, as
+    from-scratch detectors are trained. Returns the config and what was changed, to say so."""
+    if cfg.init not in ("scratch", "random"):
+        return cfg, []
+    model, notes = cfg.model, []
+    if model.norm == "frozen_bn":
+        model = dataclasses.replace(model, norm="gn")
+        notes.append("model.norm=frozen_bn would freeze random BN statistics: using model.norm=gn "
+                     "(or set model.norm=syncbn / bn yourself)")
+    if model.freeze_at > 0:
+        notes.append(f"model.freeze_at={model.freeze_at} would freeze randomly initialised layers: using 0")
+        model = dataclasses.replace(model, freeze_at=0)
+    return dataclasses.replace(cfg, model=model), notes
+
+
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json lands in the run dir."""
+    """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json and log.txt land in the run dir."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a COCO or LVIS json")
-    if cfg.init in ("scratch", "random") and cfg.model.norm == "frozen_bn":
-        raise ConfigError("init=scratch with model.norm=frozen_bn freezes random BN statistics: "
-                          "train from scratch with model.norm=syncbn (or gn, or bn on one process)")
-    train_cfg = dataclasses.replace(cfg.train, sync_bn=cfg.train.sync_bn or cfg.model.norm == "syncbn")
+    resolve_solver(cfg)  # a schedule/solver conflict fails before anything is written
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_log(run_dir):
+        cfg, notes = scratch_settings(cfg)
+        for note in notes:
+            logger.warning("init=%s: %s", cfg.init, note)
+        return _finetune(cfg, run_dir)
+
+
+def match_init_layout(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Build the ResNet the way the init weights were trained: Detectron2/MSRA weights
+    downsample in the 1x1 conv (``model.stride_in_1x1``), torchvision ones in the 3x3."""
+    layout = init_layout(cfg.init, cfg.init_stride_in_1x1, cfg.init_input_format)
+    if layout.stride_in_1x1 is None or layout.stride_in_1x1 == cfg.model.stride_in_1x1:
+        return cfg
+    logger.info("%s: %s downsample in the %s conv: model.stride_in_1x1=%s", cfg.init, layout.why,
+                "1x1" if layout.stride_in_1x1 else "3x3", str(layout.stride_in_1x1).lower())
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, stride_in_1x1=layout.stride_in_1x1))
+
+
+def resolved_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The config a run actually trains with (what ``--print-config`` shows)."""
+    return match_init_layout(scratch_settings(cfg)[0])
+
+
+def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
+    cfg = match_init_layout(cfg)
+    train_cfg = dataclasses.replace(cfg.train, sync_bn=cfg.train.sync_bn or cfg.model.norm == "syncbn")
     masks = cfg.model.arch == "mask_rcnn"
     train_ann = training_annotations(cfg, run_dir)
     train_set = build_detection_dataset(train_ann, cfg.data.train_images, cfg.data.kind, train=True, masks=masks)
@@ -196,7 +255,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     torch.manual_seed(cfg.train.seed)
     detector = build_detector(cfg.model, num_classes=len(train_set.cat_ids))
-    report = load_init_weights(detector, cfg.init, cfg.model.arch)
+    report = load_init_weights(detector, cfg.init, cfg.model.arch, cfg.init_stride_in_1x1, cfg.init_input_format)
     if is_main_process():
         (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
 
@@ -222,9 +281,12 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             for split, dataset in (("val", val_set), ("test", _test_set(cfg, masks))):
                 if dataset is None:
                     continue
-                metrics = evaluate_dataset(detector, dataset, device, cfg.eval.batch_size, progress=cfg.train.progress)
-                results[split] = metrics
-                record_evaluation(run_dir, result.iteration, split, metrics)
+                evaluation = evaluate_dataset_full(detector, dataset, device, cfg.eval.batch_size,
+                                                   progress=cfg.train.progress)
+                results[split] = evaluation.metrics
+                results.setdefault("per_category", {})[split] = evaluation.per_category
+                write_coco_results(evaluation.results, run_dir / "inference" / split / RESULTS_FILE)
+                record_evaluation(run_dir, result.iteration, split, evaluation.metrics)
             if cfg.eval.visualize and val_set is not None:
                 visualize(detector, val_set, cfg.eval.visualize, run_dir / "visualize", device)
             write_results_json(results, results_path)
@@ -255,8 +317,9 @@ def detector_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint"):
 
 
 def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "", device: str = "auto",
-                        batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None) -> dict:
-    """``predet eval``: metrics of a fine-tuned checkpoint on a COCO/LVIS json."""
+                        batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None) -> Evaluation:
+    """``predet eval``: a fine-tuned checkpoint on a COCO/LVIS json. Writes ``eval_results.json``
+    (metrics and per-category AP) and ``coco_instances_results.json`` into ``out_dir``."""
     detector, cfg, extra = load_detector(checkpoint)
     dataset = build_detection_dataset(data, images or cfg.data.val_images, kind or cfg.data.kind,
                                       masks=cfg.model.arch == "mask_rcnn")
@@ -264,10 +327,12 @@ def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "",
         raise ValueError(f"{data}: categories {list(dataset.cat_ids)} differ from the checkpoint's {extra['cat_ids']}")
     dev = resolve_device(device)
     detector.to(dev)
-    metrics = evaluate_dataset(detector, dataset, dev, batch_size)
+    evaluation = evaluate_dataset_full(detector, dataset, dev, batch_size)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
-    write_results_json({"checkpoint": str(checkpoint), "data": str(data), **metrics}, out / "eval_results.json")
+    write_results_json({"checkpoint": str(checkpoint), "data": str(data), **evaluation.metrics,
+                        "per_category": evaluation.per_category}, out / "eval_results.json")
+    write_coco_results(evaluation.results, out / RESULTS_FILE)
     if visualize_n:
         visualize(detector, dataset, visualize_n, out / "visualize", dev)
-    return metrics
+    return evaluation

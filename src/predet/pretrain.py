@@ -21,6 +21,7 @@ from predet.engine.distributed import cleanup, get_rank, get_world_size
 from predet.engine.trainer import TrainResult, train
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
+from predet.runlog import run_log
 from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, decorrelated_colours
 
 
@@ -93,7 +94,13 @@ def build_pretrain_model(cfg: PretrainConfig, num_classes: int) -> PreDet:
 
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
-    """Pre-train a PreDet model; returns where the run ended and its checkpoint."""
+    """Pre-train a PreDet model; returns where the run ended and its checkpoint. The run's
+    log also goes to ``log.txt`` in its folder."""
+    with run_log(cfg.train.run_dir):
+        return _pretrain(cfg)
+
+
+def _pretrain(cfg: PretrainConfig) -> TrainResult:
     if not cfg.data.train:
         raise ValueError("data.train is empty: give a labels.jsonl, shard pattern or shard folder")
     transform = TwoViewTransform(cfg.data.views)

@@ -385,11 +385,41 @@ def format_report(rows: list[dict], columns: dict[str, str], split: str, notes: 
     return "\n".join(text) + "\n"
 
 
+def per_category_table(runs: list[dict], split: str = "test") -> str:
+    """Markdown: box AP per category (rows) for each (pre-training, schedule, detector) of
+    ``runs`` (columns), mean over seeds, from the ``per_category`` table in results.json;
+    empty when no run has one."""
+    groups: dict[str, list[list[dict]]] = {}
+    for run in runs:
+        rows = ((run.get("results") or {}).get("per_category") or {}).get(split)
+        if rows:
+            label = f"{run['pretraining']} {run['schedule']} {ARCH_LABELS.get(run['arch'], run['arch'])}"
+            groups.setdefault(label, []).append(rows)
+    if not groups:
+        return ""
+    categories = {}
+    for tables in groups.values():
+        for rows in tables:
+            for row in rows:
+                categories.setdefault(row["category_id"], row["name"])
+    lines = [f"# Box AP per category ({split} split)", "",
+             "| id | category | " + " | ".join(groups) + " |", "|---:|---|" + "---:|" * len(groups)]
+    for cat_id, name in categories.items():
+        cells = []
+        for tables in groups.values():
+            values = [r["bbox/AP"] for rows in tables for r in rows
+                      if r["category_id"] == cat_id and r.get("bbox/AP", -1) >= 0]
+            cells.append(format_cell(values))
+        lines.append(f"| {cat_id} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(dirs: Iterable[str | Path], out_dir: str | Path, split: str = "test",
                  labels: dict[str, str] | None = None) -> dict:
     """Table (Markdown + CSV) and AP-curve PNGs for the runs under ``dirs``; returns the paths.
 
-    Keys: ``markdown``, ``csv``, ``plots`` (list), and ``text`` (the Markdown, for printing).
+    Keys: ``markdown``, ``csv``, ``plots`` (list), ``text`` (the Markdown, for printing) and
+    ``per_category`` (the per-category AP page, None when the runs have no such table).
     """
     dirs = list(dirs)
     out_dir = Path(out_dir)
@@ -408,6 +438,11 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, split: str = "
         writer = csv.writer(f)
         writer.writerow(list(columns.values()))
         writer.writerows([[row.get(k, "") for k in columns] for row in rows])
+    per_category = per_category_table(chosen, split)
+    per_category_path = None
+    if per_category:
+        per_category_path = out_dir / f"per_category_{split}.md"
+        per_category_path.write_text(per_category)
     plots = []
     for arch, metrics in ARCH_METRICS.items():
         arch_runs = [r for r in chosen if r["arch"] == arch]
@@ -417,7 +452,7 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, split: str = "
                                   f"{ARCH_LABELS[arch]}: {metric} on val, mean over seeds")
             if path is not None:
                 plots.append(path)
-    return {"markdown": md, "csv": csv_path, "plots": plots, "text": text}
+    return {"markdown": md, "csv": csv_path, "plots": plots, "text": text, "per_category": per_category_path}
 
 
 def paper_report() -> str:

@@ -1,21 +1,20 @@
 """COCO / LVIS evaluation of torchvision detectors, and drawings of what they found.
 
-The metrics are the official ones, computed by pycocotools' ``COCOeval`` and ``lvis.LVISEval``
-on detections in the COCO results format, and reported as the fractions (0..1) those tools
-give: ``bbox/AP`` is ``COCOeval.stats[0]``. A value of -1 means the tool found no ground truth
-in that group (no small objects, no rare categories), exactly as the tools report it.
+The metrics are the official COCO and LVIS ones, computed by faster-coco-eval (a C++
+reimplementation of pycocotools' ``COCOeval`` with LVIS's federated mode; the tests check it
+gives pycocotools' and lvis' numbers) on detections in the COCO results format, and reported as
+the fractions (0..1) those tools give: ``bbox/AP`` is ``COCOeval.stats[0]``. A value of -1 means
+the tool found no ground truth in that group (no small objects, no rare categories), exactly as
+the tools report it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import os
 import tempfile
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +23,20 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
+from faster_coco_eval import COCO as FasterCOCO
+from faster_coco_eval import COCOeval_faster
 from PIL import Image
-from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from predet.engine.checkpoint import umask_mode
+
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
 LVIS_MAX_DETS = 300
+# faster-coco-eval's names for LVIS_KEYS
+LVIS_STATS = ("AP_all", "AP_50", "AP_75", "AP_small", "AP_medium", "AP_large", "APr", "APc", "APf")
 PRED_COLOR = "red"
 TRUE_COLOR = "lime"
 
@@ -112,80 +116,94 @@ def _zeros(iou_types: Iterable[str], keys: Sequence[str]) -> dict:
     return {f"{t}/{k}": 0.0 for t in iou_types for k in keys}
 
 
+def _category_ap(precision: np.ndarray, cat_ids: Sequence[int]) -> dict[int, float]:
+    """AP of each category from the tools' precision array (IoU x recall x category x area
+    [x max dets]): all areas, the most detections; -1 where the category has no ground truth."""
+    out = {}
+    for k, cat_id in enumerate(cat_ids):
+        p = precision[:, :, k, 0]
+        p = p[..., -1] if p.ndim == 3 else p
+        valid = p[p > -1]
+        out[int(cat_id)] = float(valid.mean()) if valid.size else -1.0
+    return out
+
+
+def faster_gt(gt):
+    """A faster-coco-eval index over ``gt`` (a pycocotools COCO, or already a faster one),
+    built once per ground truth. Its own copy of the records: evaluation writes into them."""
+    if isinstance(gt, FasterCOCO):
+        return gt
+    cached = getattr(gt, "_predet_faster_gt", None)
+    if cached is None:
+        cached = FasterCOCO(gt.dataset, use_deepcopy=True)
+        gt._predet_faster_gt = cached
+    return cached
+
+
+def _run_eval(gt, results: list[dict], iou_type: str, img_ids, verbose: bool, lvis: bool):
+    """One faster-coco-eval pass (evaluate, accumulate, summarize) over fresh copies of ``results``."""
+    gt = faster_gt(gt)
+    quiet = (lambda *args, **kwargs: None) if not verbose else print
+    gt.print_function = quiet
+    dt = gt.loadRes(_results_for(results, iou_type))
+    evaluator = COCOeval_faster(gt, dt, iou_type, lvis_style=lvis, print_function=quiet)
+    if lvis:
+        evaluator.params.maxDets = [LVIS_MAX_DETS]
+    if img_ids is not None:
+        evaluator.params.imgIds = sorted(int(i) for i in img_ids)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator
+
+
 def evaluate_coco(
     coco_gt, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm"),
-    img_ids: Sequence[int] | None = None, verbose: bool = False,
+    img_ids: Sequence[int] | None = None, verbose: bool = False, per_category: dict | None = None,
 ) -> dict:
-    """COCOeval AP / AP50 / AP75 / APs / APm / APl per IoU type, as ``"bbox/AP"`` etc.
+    """COCO AP / AP50 / AP75 / APs / APm / APl per IoU type, as ``"bbox/AP"`` etc.
 
     ``img_ids`` restricts the evaluation to the images actually run (a subset of the json);
     by default every image in ``coco_gt`` counts. No detections at all scores 0.0.
+    ``per_category``, when given, receives ``{iou_type: {category id: AP}}``.
     """
     metrics = {}
     for iou_type in iou_types:
         if not results:
             metrics.update(_zeros([iou_type], COCO_KEYS))
+            if per_category is not None:
+                per_category[iou_type] = {int(c): 0.0 for c in coco_gt.getCatIds()}
             continue
-        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
-            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-            if img_ids is not None:
-                evaluator.params.imgIds = sorted(int(i) for i in img_ids)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
+        evaluator = _run_eval(coco_gt, results, iou_type, img_ids, verbose, lvis=False)
         metrics.update({f"{iou_type}/{k}": float(v) for k, v in zip(COCO_KEYS, evaluator.stats)})
+        if per_category is not None:
+            per_category[iou_type] = _category_ap(evaluator.eval["precision"], evaluator.params.catIds)
     return metrics
-
-
-@contextlib.contextmanager
-def _quiet_lvis(verbose: bool):
-    """lvis 0.5.3 calls ``np.float`` (gone since NumPy 1.24): lend the alias for the call only.
-    Also keep its info logs and ``logger.warn`` deprecation noise quiet unless verbose."""
-    added = "float" not in np.__dict__
-    if added:
-        np.float = float
-    logger = logging.getLogger("lvis")
-    level = logger.level
-    if not verbose:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        logger.setLevel(level)
-        if added:
-            del np.float
 
 
 def evaluate_lvis(
     lvis_gt, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm"),
-    img_ids: Sequence[int] | None = None, verbose: bool = False,
+    img_ids: Sequence[int] | None = None, verbose: bool = False, per_category: dict | None = None,
 ) -> dict:
-    """LVISEval AP / AP50 / AP75 / APs / APm / APl / APr / APc / APf per IoU type.
+    """LVIS AP / AP50 / AP75 / APs / APm / APl / APr / APc / APf per IoU type (federated:
+    a category counts only on images where it is annotated or listed as absent).
 
     LVIS scores at most 300 detections per image: only the top-scoring 300 are kept.
-    ``img_ids`` restricts the evaluation as in :func:`evaluate_coco`.
+    ``img_ids`` and ``per_category`` as in :func:`evaluate_coco`.
     """
-    from lvis import LVISEval, LVISResults
-
     metrics = {}
     limited = _limit_per_image(results, LVIS_MAX_DETS)
     for iou_type in iou_types:
         if not limited:
             metrics.update(_zeros([iou_type], LVIS_KEYS))
+            if per_category is not None:
+                per_category[iou_type] = {int(c): 0.0 for c in lvis_gt.getCatIds()}
             continue
-        with _quiet_lvis(verbose):
-            lvis_dt = LVISResults(lvis_gt, _results_for(limited, iou_type), max_dets=LVIS_MAX_DETS)
-            evaluator = LVISEval(lvis_gt, lvis_dt, iou_type)
-            if img_ids is not None:
-                evaluator.params.img_ids = sorted(int(i) for i in img_ids)
-            evaluator.run()
-            if verbose:
-                evaluator.print_results()
-        stats = evaluator.get_results()
-        metrics.update({f"{iou_type}/{k}": float(stats[k]) for k in LVIS_KEYS})
+        evaluator = _run_eval(lvis_gt, limited, iou_type, img_ids, verbose, lvis=True)
+        stats = evaluator.stats_as_dict
+        metrics.update({f"{iou_type}/{k}": float(stats[name]) for k, name in zip(LVIS_KEYS, LVIS_STATS)})
+        if per_category is not None:
+            per_category[iou_type] = _category_ap(evaluator.eval["precision"], evaluator.params.catIds)
     return metrics
 
 
@@ -266,10 +284,42 @@ def run_inference(model, loader, device, progress: bool = True) -> tuple[list[di
     return run.results, run.stats
 
 
-def evaluate_dataset(
+@dataclass
+class Evaluation:
+    """One evaluation: the summary metrics, AP per category (rows of ``category_id``, ``name``,
+    ``bbox/AP`` [, ``segm/AP``]) and the detections in COCO results format."""
+
+    metrics: dict
+    per_category: list[dict]
+    results: list[dict]
+
+
+def per_category_rows(per_category: dict, cat_ids: Sequence[int], names: Sequence[str]) -> list[dict]:
+    """``{iou_type: {cat id: AP}}`` -> one row per category, in the dataset's category order."""
+    rows = []
+    for cat_id, name in zip(cat_ids, names):
+        row = {"category_id": int(cat_id), "name": name}
+        row.update({f"{t}/AP": aps.get(int(cat_id), -1.0) for t, aps in per_category.items()})
+        rows.append(row)
+    return rows
+
+
+def format_per_category(rows: list[dict]) -> str:
+    """A Markdown table of per-category AP in percent ('-': no ground truth for it)."""
+    if not rows:
+        return ""
+    keys = [k for k in rows[0] if k.endswith("/AP")]
+    lines = ["| id | category | " + " | ".join(keys) + " |", "|---:|---|" + "---:|" * len(keys)]
+    for row in rows:
+        cells = [f"{100 * row[k]:.1f}" if row[k] >= 0 else "-" for k in keys]
+        lines.append(f"| {row['category_id']} | {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_dataset_full(
     model, dataset, device="cpu", batch_size: int = 2, num_workers: int = 0,
     progress: bool = True, collate_fn=None,
-) -> dict:
+) -> Evaluation:
     """Run ``model`` over ``dataset`` and score it with LVIS metrics when the dataset has an
     ``lvis`` ground truth, else COCO metrics; mask AP only when the model outputs masks.
     Only the images of ``dataset`` count, so a subset of a json is scored fairly."""
@@ -279,14 +329,24 @@ def evaluate_dataset(
     model.to(device)
     run = _infer(model, loader, device, progress)
     iou_types = ("bbox", "segm") if run.has_masks else ("bbox",)
+    per_category: dict = {}
     if getattr(base, "lvis", None) is not None:
-        metrics = evaluate_lvis(base.lvis, run.results, iou_types, img_ids=run.image_ids)
+        metrics = evaluate_lvis(base.lvis, run.results, iou_types, img_ids=run.image_ids, per_category=per_category)
     elif getattr(base, "coco", None) is not None:
-        metrics = evaluate_coco(base.coco, run.results, iou_types, img_ids=run.image_ids)
+        metrics = evaluate_coco(base.coco, run.results, iou_types, img_ids=run.image_ids, per_category=per_category)
     else:
         raise AttributeError(f"{type(base).__name__} has neither a coco nor an lvis ground truth")
     metrics["images_per_s"] = run.stats["images_per_s"]
-    return metrics
+    names = getattr(base, "category_names", [str(c) for c in base.cat_ids])
+    return Evaluation(metrics, per_category_rows(per_category, base.cat_ids, names), run.results)
+
+
+def evaluate_dataset(
+    model, dataset, device="cpu", batch_size: int = 2, num_workers: int = 0,
+    progress: bool = True, collate_fn=None,
+) -> dict:
+    """The metrics of :func:`evaluate_dataset_full` (periodic evaluations need no more)."""
+    return evaluate_dataset_full(model, dataset, device, batch_size, num_workers, progress, collate_fn).metrics
 
 
 # --------------------------------------------------------------------------- drawings
@@ -362,21 +422,36 @@ def visualize(
 # --------------------------------------------------------------------------- output
 
 
-def write_results_json(metrics: dict, path) -> Path:
-    """Write ``metrics`` as sorted JSON through a temp file + ``os.replace``, so a reader never
-    sees half a file and a crash leaves the previous one intact."""
+def _write_json(obj, path, **dump_kwargs) -> Path:
+    """JSON through a temp file + ``os.replace``, so a reader never sees half a file and a
+    crash leaves the previous one intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would hide the results from the user's group
         with os.fdopen(fd, "w") as f:
-            json.dump(metrics, f, sort_keys=True, indent=2, default=_jsonable)
+            json.dump(obj, f, **dump_kwargs)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_results_json(metrics: dict, path) -> Path:
+    """Write ``metrics`` as sorted, indented JSON, atomically."""
+    return _write_json(metrics, path, sort_keys=True, indent=2, default=_jsonable)
+
+
+RESULTS_FILE = "coco_instances_results.json"
+
+
+def write_coco_results(results: list[dict], path) -> Path:
+    """The standard COCO results file (``coco_instances_results.json``: image_id, category_id,
+    xywh bbox, score and RLE segmentation), which COCO/LVIS tools and servers read."""
+    return _write_json(results, path)
 
 
 def _jsonable(value):

@@ -7,6 +7,7 @@ with plain torchvision models.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -15,6 +16,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.resnet import Bottleneck
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from predet.models.backbone import build_backbone
@@ -28,6 +31,7 @@ class DetectorConfig:
     backbone: str = "resnet50"
     norm: str = "frozen_bn"  # frozen_bn | bn | syncbn | gn; from scratch needs syncbn or gn
     freeze_at: int = 2  # stages kept frozen: 0 none, 1 stem, 2 stem + res2 (Detectron2's default)
+    stride_in_1x1: bool = False  # Detectron2/MSRA ResNets downsample in the 1x1 conv, torchvision in the 3x3
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_dim: int = 256
@@ -83,6 +87,24 @@ def freeze_stages(body: nn.Module, freeze_at: int) -> None:
             param.requires_grad_(False)
 
 
+def move_stride_to_1x1(body: nn.Module) -> None:
+    """Downsample in each bottleneck's 1x1 conv instead of its 3x3 (Detectron2's STRIDE_IN_1X1),
+    so weights trained that way compute what they were trained to. Basic blocks (ResNet-18/34)
+    have no 1x1 conv and downsample alike in both frameworks: nothing moves."""
+    for block in (m for m in body.modules() if isinstance(m, Bottleneck)):
+        if block.conv2.stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
+def stride_in_1x1(detector: nn.Module) -> bool | None:
+    """Where the detector's bottlenecks downsample: True in the 1x1, False in the 3x3, None
+    when it has none (ResNet-18/34 and RegNets, where the question does not arise)."""
+    for block in detector.modules():
+        if isinstance(block, Bottleneck) and (block.conv1.stride != (1, 1) or block.conv2.stride != (1, 1)):
+            return block.conv1.stride != (1, 1)
+    return None
+
+
 def _anchor_generator(cfg: DetectorConfig, retinanet: bool) -> AnchorGenerator:
     if retinanet:  # three octave scales per level, as in the RetinaNet paper
         sizes = tuple(tuple(int(s * 2 ** (k / 3)) for k in range(3)) for s in cfg.anchor_sizes)
@@ -91,18 +113,49 @@ def _anchor_generator(cfg: DetectorConfig, retinanet: bool) -> AnchorGenerator:
     return AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * len(sizes))
 
 
+# Each torchvision detector hands the keywords it does not name on down this chain, and the last
+# one (GeneralizedRCNNTransform) swallows whatever is left: a misspelt keyword is silently dropped.
+KWARG_CHAINS = {
+    PredetMaskRCNN: (MaskRCNN, FasterRCNN, GeneralizedRCNNTransform),
+    PredetFasterRCNN: (FasterRCNN, GeneralizedRCNNTransform),
+    PredetRetinaNet: (RetinaNet, GeneralizedRCNNTransform),
+}
+
+
+def accepted_kwargs(cls: type) -> set[str]:
+    """Keywords some constructor in ``cls``'s chain names explicitly (not via ``**kwargs``)."""
+    names = set()
+    for owner in KWARG_CHAINS[cls]:
+        for p in inspect.signature(owner.__init__).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                names.add(p.name)
+    return names
+
+
+def construct(cls: type, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)``, but a keyword torchvision would silently ignore is a TypeError."""
+    unknown = sorted(set(kwargs) - accepted_kwargs(cls))
+    if unknown:
+        raise TypeError(f"{cls.__name__} does not take {', '.join(unknown)}: torchvision would ignore it")
+    return cls(*args, **kwargs)
+
+
 def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
     """A torchvision detector for ``num_classes`` foreground classes (labels 1..K), random weights."""
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown detector {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     c = cfg.fpn_channels
-    common = dict(min_size=cfg.min_size, max_size=cfg.max_size, detections_per_img=cfg.detections_per_image)
+    common = dict(min_size=cfg.min_size, max_size=cfg.max_size)
     if cfg.arch == "retinanet":
         backbone = build_backbone(cfg.backbone, cfg.norm, c, stages=(2, 3, 4), extra_blocks=LastLevelP6P7(c, c))
+        if cfg.stride_in_1x1:
+            move_stride_to_1x1(backbone.body)
         freeze_stages(backbone.body, cfg.freeze_at)
-        return PredetRetinaNet(backbone, num_classes + 1, anchor_generator=_anchor_generator(cfg, True),
-                         score_thresh=cfg.score_thresh, **common)
+        return construct(PredetRetinaNet, backbone, num_classes + 1, anchor_generator=_anchor_generator(cfg, True),
+                         score_thresh=cfg.score_thresh, detections_per_img=cfg.detections_per_image, **common)
     backbone = build_backbone(cfg.backbone, cfg.norm, c)
+    if cfg.stride_in_1x1:
+        move_stride_to_1x1(backbone.body)
     freeze_stages(backbone.body, cfg.freeze_at)
     anchors = _anchor_generator(cfg, False)
     kwargs = dict(
@@ -117,12 +170,14 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_score_thresh=cfg.score_thresh,
+        box_detections_per_img=cfg.detections_per_image,
         **common,
     )
     if cfg.arch == "faster_rcnn":
-        return PredetFasterRCNN(backbone, None, **kwargs)
+        return construct(PredetFasterRCNN, backbone, None, **kwargs)
     m = cfg.mask_head_dim
-    return PredetMaskRCNN(
+    return construct(
+        PredetMaskRCNN,
         backbone, None, mask_head=MaskRCNNHeads(c, [m] * 4, 1),
         mask_predictor=MaskRCNNPredictor(m, m, num_classes + 1), **kwargs,
     )

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from predet.config import ConfigError
 from predet.engine.checkpoint import load_checkpoint
 from predet.engine.distributed import unwrap_model
 
@@ -480,12 +481,108 @@ def transfer_state_dict(detector: nn.Module, state: dict, fmt: str, arch: str, s
     return LoadReport(source=source, format=fmt, arch=arch, loaded=loaded, skipped=skipped, missing=missing)
 
 
-def load_init_weights(detector: nn.Module, init: str, arch: str) -> LoadReport:
+# ---------------------------------------------------------------------------------------------
+# How the source network computed: where its ResNet downsamples, and what input it expects.
+#
+# Detectron2's default (MSRA/Caffe2 ImageNet weights and the model zoo trained from them) puts
+# the stride-2 of each bottleneck in its 1x1 conv and takes BGR pixels in 0..255 minus the mean;
+# torchvision puts the stride in the 3x3 conv and takes RGB in 0..1, normalised with its
+# mean/std. Loading one layout into the other succeeds and silently computes something else.
+
+LAYOUT_CHOICES = {"auto": None, "true": True, "false": False}
+INPUT_FORMATS = ("auto", "RGB", "BGR")
+# torchvision's normalisation; Detectron2's BGR pixel mean is exactly 255 x this mean, reversed
+TV_MEAN, TV_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SourceLayout:
+    stride_in_1x1: bool | None  # None: the file does not say
+    input_format: str | None  # "RGB" (torchvision) / "BGR" (Caffe2 0..255) / None: not said
+    why: str
+
+
+def source_layout(fmt: str, meta: dict) -> SourceLayout:
+    """What a weight file's format and top-level entries (``__author__``; predet's exports
+    also record ``stride_in_1x1``) tell about its layout."""
+    author = meta.get("__author__")
+    if fmt == "caffe2":
+        return SourceLayout(True, "BGR", "Caffe2/Detectron1 (MSRA) ResNet weights")
+    if fmt == "detectron2":
+        if author == "predet":  # torchvision layout unless the export says otherwise
+            return SourceLayout(bool(meta.get("stride_in_1x1")), "RGB", "Detectron2 weights exported by predet")
+        if author == "torchvision":
+            return SourceLayout(False, "RGB", f"Detectron2 names written by {author} from torchvision weights")
+        return SourceLayout(None, None, f"Detectron2 weights (author {author or 'not recorded'})")
+    return SourceLayout(False, "RGB", FORMAT_NAMES.get(fmt, fmt))
+
+
+def resolve_layout(layout: SourceLayout, stride_in_1x1: str = "auto", input_format: str = "auto") -> SourceLayout:
+    """The file's layout with the user's answers (``init_stride_in_1x1``, ``init_input_format``)
+    filling in, or overriding, what the file says."""
+    choice = str(stride_in_1x1).lower()
+    if choice not in LAYOUT_CHOICES:
+        raise ConfigError(f"init_stride_in_1x1 must be auto, true or false, got {stride_in_1x1!r}")
+    if input_format not in INPUT_FORMATS:
+        raise ConfigError(f"init_input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
+    stride = layout.stride_in_1x1 if choice == "auto" else LAYOUT_CHOICES[choice]
+    fmt = layout.input_format if input_format == "auto" else input_format
+    return SourceLayout(stride, fmt, layout.why)
+
+
+def init_layout(init: str, stride_in_1x1: str = "auto", input_format: str = "auto") -> SourceLayout:
+    """The layout of the weights ``init`` names, to build the detector to match before loading."""
+    if init in SCRATCH_INITS or not Path(init).is_file():
+        return resolve_layout(SourceLayout(False, "RGB", "no weights"), stride_in_1x1, input_format)
+    obj = read_weight_file(init)
+    state, kind = _flat_state_dict(obj, init)
+    meta = obj if isinstance(obj, dict) else {}
+    return resolve_layout(source_layout(_detect_format(state, kind), meta), stride_in_1x1, input_format)
+
+
+def bgr255_stem_to_rgb(weight: torch.Tensor) -> torch.Tensor:
+    """A stem conv for BGR 0..255 minus Detectron2's mean -> the same conv for torchvision input.
+
+    Detectron2 feeds ``255 * rgb[c] - 255 * mean[c]`` on the channels reversed; torchvision feeds
+    ``(rgb[c] - mean[c]) / std[c]``. So the input channels flip and scale by ``255 * std[c]``;
+    the means cancel exactly (Detectron2's BGR mean is 255 x torchvision's), no bias is needed.
+    """
+    scale = torch.tensor([255.0 * s for s in TV_STD], dtype=weight.dtype).view(1, 3, 1, 1)
+    return weight.flip(1) * scale
+
+
+def _check_layout(detector: nn.Module, layout: SourceLayout, path) -> None:
+    """Refuse, with the reason, a load that would silently change what the network computes."""
+    from predet.detection.models import stride_in_1x1 as detector_stride
+
+    mine = detector_stride(unwrap_model(detector))
+    if mine is not None and layout.stride_in_1x1 is None:
+        raise ConfigError(
+            f"{path}: {layout.why} do not say where the ResNet downsamples. Detectron2's default "
+            "(MSRA R-50/R-101 and the model zoo trained from them) is STRIDE_IN_1X1=True: set "
+            "init_stride_in_1x1=true; weights converted from torchvision need init_stride_in_1x1=false")
+    if mine is not None and layout.stride_in_1x1 != mine:
+        where = "1x1" if layout.stride_in_1x1 else "3x3"
+        raise ConfigError(
+            f"{path}: the weights downsample in the {where} conv but the detector does not: build it with "
+            f"model.stride_in_1x1={str(layout.stride_in_1x1).lower()} (predet finetune does this itself)")
+    if layout.input_format is None:
+        raise ConfigError(
+            f"{path}: {layout.why} do not say which input they expect: set init_input_format=BGR for "
+            "Detectron2's default (BGR pixels 0..255, MSRA weights) or init_input_format=RGB for "
+            "weights converted from torchvision")
+
+
+def load_init_weights(detector: nn.Module, init: str, arch: str, stride_in_1x1: str = "auto",
+                      input_format: str = "auto") -> LoadReport:
     """Initialise ``detector`` (an ``arch`` detector) from ``init``; log and return the report.
 
     ``init`` is ``"scratch"``/``"random"`` (nothing loaded) or a weight file. Raises ValueError,
     naming the file, when a file contributes no tensor at all: a silent scratch run would look
-    like a pre-training result.
+    like a pre-training result. Detectron2/Caffe2 weights must match the detector's stride
+    placement (``stride_in_1x1``: auto from the file, or true/false) and have their stem
+    converted when they expect BGR 0..255 input (``input_format``: auto, RGB or BGR); a file
+    that does not say is refused with what to set.
     """
     fpn_first_level(arch)  # validates arch
     if init in SCRATCH_INITS:
@@ -498,7 +595,8 @@ def load_init_weights(detector: nn.Module, init: str, arch: str) -> LoadReport:
         raise FileNotFoundError(
             f"init weights {init!r} not found; use 'scratch', 'random' or the path of a weight file"
         )
-    state, kind = _flat_state_dict(read_weight_file(path), path)
+    obj = read_weight_file(path)
+    state, kind = _flat_state_dict(obj, path)
     fmt = _detect_format(state, kind)
     if fmt == "unknown":
         sample = ", ".join(list(state)[:5]) or "no tensors"
@@ -506,6 +604,14 @@ def load_init_weights(detector: nn.Module, init: str, arch: str) -> LoadReport:
             f"{path}: unrecognised weight layout (first keys: {sample}); expected a PreDet checkpoint, "
             "a torchvision detector/ResNet/RegNet state dict or Detectron2 weights"
         )
+    layout = resolve_layout(source_layout(fmt, obj if isinstance(obj, dict) else {}), stride_in_1x1, input_format)
+    _check_layout(detector, layout, path)
+    if layout.input_format == "BGR":
+        stem = "conv1_w" if fmt == "caffe2" else next(
+            (k for k in state if k.endswith(("stem.conv1.weight", "body.conv1.weight"))), None)
+        if stem in state and state[stem].shape[1] == 3:
+            state = {**state, stem: bgr255_stem_to_rgb(state[stem].float())}
+            logger.info("%s: stem conv converted from BGR 0..255 input to torchvision's normalised RGB", path)
     report = transfer_state_dict(detector, state, fmt, arch, str(path))
     logger.info(report.table())
     if not report.loaded:

@@ -37,6 +37,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: the permissions ``open()`` gives a new file (mkstemp
+    makes its files 0600, which would hide results and checkpoints from a user's group)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path``, then atomically rename it.
 
@@ -46,6 +54,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
