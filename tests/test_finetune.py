@@ -82,6 +82,8 @@ def test_cli_finetune_eval_export_end_to_end(fashiondet_tiny, pretrain_checkpoin
         assert 0.0 <= results["val"][key] <= 1.0 or results["val"][key] == -1, key
     evals = [json.loads(l) for l in (run / "evals.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in evals] == [3, 6]
+    assert all([row["name"] for row in e["per_category"]] == names_of(fashiondet_tiny) for e in evals)
+    assert (run / "inference" / "val_iter0000003" / "coco_instances_results.json").is_file()  # periodic, too
     report = json.loads((run / "init_report.json").read_text())
     assert len(report["loaded"]) > 50
     names = [c["name"] for c in json.loads((fashiondet_tiny / "det" / "annotations" / "val.json").read_text())["categories"]]
@@ -229,3 +231,7 @@ def test_scratch_with_frozen_bn_picks_group_norm_and_says_so(fashiondet_tiny, tm
     log = (run / "log.txt").read_text()
     assert "using model.norm=gn" in log and "freeze_at=2 would freeze" in log
     assert "\r" not in log
+
+
+def names_of(fashiondet) -> list[str]:
+    return [c["name"] for c in json.loads((fashiondet / "det" / "annotations" / "val.json").read_text())["categories"]]

@@ -39,7 +39,6 @@ from predet.detection.datasets import (
 from predet.detection.evaluation import (
     RESULTS_FILE,
     Evaluation,
-    evaluate_dataset,
     evaluate_dataset_full,
     visualize,
     write_coco_results,
@@ -167,7 +166,8 @@ def build_train_loader(dataset, cfg: FinetuneConfig, start_iter: int):
 
 
 class PeriodicEvaluation:
-    """Evaluates on the validation split every ``period`` iterations; logs to evals.jsonl."""
+    """Evaluates on the validation split every ``period`` iterations: metrics and per-category
+    AP to evals.jsonl, detections to ``inference/val_iterNNNNNNN/`` as a COCO results file."""
 
     def __init__(self, dataset, cfg: FinetuneConfig, period: int):
         self.dataset, self.cfg, self.period = dataset, cfg, period
@@ -175,17 +175,24 @@ class PeriodicEvaluation:
     def after_step(self, state):
         if state.rank != 0 or state.iteration % self.period or state.iteration == state.max_iters:
             return
-        metrics = evaluate_dataset(state.model, self.dataset, state.device, self.cfg.eval.batch_size,
-                                   progress=False)
-        record_evaluation(state.run_dir, state.iteration, "val", metrics)
+        evaluation = evaluate_dataset_full(state.model, self.dataset, state.device, self.cfg.eval.batch_size,
+                                           progress=False)
+        metrics = evaluation.metrics
+        write_coco_results(evaluation.results,
+                           Path(state.run_dir) / "inference" / f"val_iter{state.iteration:07d}" / RESULTS_FILE)
+        record_evaluation(state.run_dir, state.iteration, "val", metrics, evaluation.per_category)
         state.writer.write({"iteration": state.iteration, **{f"val/{k}": v for k, v in metrics.items()}})
         state.metrics.update({f"val/{k}": v for k, v in metrics.items()})
 
 
-def record_evaluation(run_dir: Path, iteration: int, split: str, metrics: dict) -> None:
+def record_evaluation(run_dir: Path, iteration: int, split: str, metrics: dict,
+                      per_category: list[dict] | None = None) -> None:
     """One line per evaluation: the AP-against-iterations curve the reports plot."""
+    record = {"iteration": iteration, "split": split, **metrics}
+    if per_category is not None:
+        record["per_category"] = per_category
     with open(Path(run_dir) / "evals.jsonl", "a") as f:
-        f.write(json.dumps({"iteration": iteration, "split": split, **metrics}, sort_keys=True) + "\n")
+        f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -286,7 +293,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
                 results[split] = evaluation.metrics
                 results.setdefault("per_category", {})[split] = evaluation.per_category
                 write_coco_results(evaluation.results, run_dir / "inference" / split / RESULTS_FILE)
-                record_evaluation(run_dir, result.iteration, split, evaluation.metrics)
+                record_evaluation(run_dir, result.iteration, split, evaluation.metrics, evaluation.per_category)
             if cfg.eval.visualize and val_set is not None:
                 visualize(detector, val_set, cfg.eval.visualize, run_dir / "visualize", device)
             write_results_json(results, results_path)
