@@ -397,3 +397,23 @@ def test_report_per_category_ap_mean_over_seeds(tmp_path):
     text = written["per_category"].read_text()
     assert "| 3 | shirt | 60.0 ± 14.1 |" in text  # two seeds
     assert "| 7 | shoe | 10.0 |" in text  # -1 (no ground truth in a split) is left out
+
+
+def test_pretext_curves_plot_every_variant_and_nothing_without_records(tmp_path):
+    from predet.report import plot_pretext_curves
+
+    for name, level in (("a", 0.2), ("b", 0.5)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"iteration": i, "losses": {"loss_cls": 2.3}} for i in (10, 20)]
+        lines += [{"iteration": i, "pretext/cls_mAP": level + i / 1000, "pretext/cls_mAP_constant": 0.13,
+                   "pretext/crpn_recall@0.5": level, "pretext/crpn_recall@0.5_other_query": 0.01}
+                  for i in (100, 200)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    png = plot_pretext_curves({"A": tmp_path / "a", "B": tmp_path / "b"}, tmp_path / "out" / "curves.png")
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "losses": {}}) + "\n")
+    assert plot_pretext_curves({"E": empty, "missing": tmp_path / "nope"}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

@@ -297,6 +297,18 @@ def ap_curves(runs: list[dict], metric: str = "bbox/AP", split: str = "val") -> 
     return out
 
 
+def save_figure(fig, out_path: str | Path, dpi: int) -> Path:
+    """Write a matplotlib figure (folders made as needed) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=dpi)
+    plt.close(fig)
+    return out_path
+
+
 def plot_ap_curves(runs: list[dict], out_path: str | Path, metric: str = "bbox/AP",
                    split: str = "val", title: str = "") -> Path | None:
     """A PNG of ``metric`` against fine-tuning iterations; None (no file) when no run logged it."""
@@ -316,12 +328,7 @@ def plot_ap_curves(runs: list[dict], out_path: str | Path, metric: str = "bbox/A
     ax.set_title(title or f"{metric} on {split}, mean over seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path, dpi=120)
 
 
 PRETEXT_PANELS = (  # (signal, its floors, title) of the pre-training curves
@@ -352,7 +359,7 @@ def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -
     for ax, (signal, floors, title) in zip(axes, PRETEXT_PANELS):
         for i, (label, records) in enumerate(curves.items()):
             colour = f"C{i}"
-            for key, style, suffix in [(signal, "-", ""), *((f, "--", f" ({f.split('_')[-1]})") for f in floors)]:
+            for key, style, suffix in [(signal, "-", ""), *((f, "--", f" ({f[len(signal) + 1:].replace('_', ' ')})") for f in floors)]:
                 points = [(r["iteration"], r[f"pretext/{key}"]) for r in records if f"pretext/{key}" in r]
                 if points:
                     ax.plot(*zip(*points), style, color=colour, marker="o" if style == "-" else None,
@@ -362,12 +369,7 @@ def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -
         ax.set_ylim(0, 1)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path, dpi=110)
 
 
 # --------------------------------------------------------------------------- report
