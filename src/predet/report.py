@@ -368,7 +368,8 @@ def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -
         ax.set_xlabel("pre-training iteration")
         ax.set_ylim(0, 1)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     return save_figure(fig, out_path, dpi=110)
 
 
