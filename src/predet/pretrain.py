@@ -63,6 +63,8 @@ def read_vocab(path: str) -> Vocabulary | None:
 def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: int, world: int):
     """A loader that resumes exactly: batch ``i`` depends only on (seed, i)."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
+        if hasattr(dataset, "resumed_at"):
+            dataset = dataset.resumed_at(start_iter, cfg.train.batch_size)
         return DataLoader(
             dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
             collate_fn=collate_two_view, persistent_workers=False,
@@ -102,6 +104,9 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     if cfg.data.val and cfg.train.eval_period > 0:
         val_set, _ = build_weak_dataset(cfg.data.val, vocab, transform, cfg.train.seed)
         hooks.append(PretextDiagnosticsHook(val_set, collate_two_view, cfg.train.eval_period))
+
+    if hasattr(dataset, "check_split"):
+        dataset.check_split(get_world_size(), cfg.train.num_workers)
 
     def make_loader(start_iter: int):
         return iter(build_pretrain_loader(dataset, cfg, start_iter, get_rank(), get_world_size()))

@@ -1,0 +1,171 @@
+"""Fault injection (issue 10): real SIGKILLs, truncated files, full disks, damaged checkpoints.
+
+Each test breaks a run the way a crash, an operator or a full disk would, then checks that the
+next start recovers (bit-exactly where promised) or stops with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from predet.data.weak import write_webdataset_shards
+from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
+from predet.pretrain import pretrain
+
+from helpers import CrashAt, tiny_pretrain_config
+
+ITERS, PERIOD, CRASH = 10, 5, 7  # resume from iteration 5: odd, so loader workers rotate
+
+
+@pytest.fixture(scope="module")
+def weak_set(fashiondet_tiny) -> Path:
+    return fashiondet_tiny / "weak"
+
+
+@pytest.fixture(scope="module")
+def shards(weak_set, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "weak"
+    write_webdataset_shards(weak_set / "labels.jsonl", out, shard_size=8)
+    return out
+
+
+def shard_config(weak_set, shards, run_dir, **extra):
+    extra = {"data.train": shards, "data.vocab": shards / "vocab.json",
+             "train.checkpoint_period": PERIOD, "train.log_period": 5, **extra}
+    return tiny_pretrain_config(weak_set, run_dir, ITERS, **extra)
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_checkpoint(Path(run_dir) / "checkpoints" / "model_final.pth")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def straight_shard_run(weak_set, shards, tmp_path_factory) -> dict:
+    """Uninterrupted shard runs, by loader worker count (each worker reads its own shards)."""
+    runs = {}
+    for workers in (1, 2):
+        run = tmp_path_factory.mktemp(f"straight{workers}")
+        pretrain(shard_config(weak_set, shards, run, **{"train.num_workers": workers}))
+        runs[workers] = final_weights(run)
+    return runs
+
+
+# ----------------------------------------------------------------------------- item 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shard_resume_is_bit_exact(weak_set, shards, straight_shard_run, tmp_path, monkeypatch,
+                                   workers):
+    import predet.pretrain as pretrain_module
+
+    real_train = pretrain_module.train
+    monkeypatch.setattr(pretrain_module, "train",
+                        lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(CRASH)]}))
+    cfg = shard_config(weak_set, shards, tmp_path / "run", **{"train.num_workers": workers})
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.setattr(pretrain_module, "train", real_train)
+    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint_{PERIOD:07d}.pth"
+    pretrain(replace(cfg, train=replace(cfg.train, resume=True)))
+    assert_same_weights(straight_shard_run[workers], final_weights(tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------- item 2
+
+
+def _toy_run(tmp_path, name="run", **kw):
+    from test_engine import solver_cfg, train_cfg
+
+    return solver_cfg(**kw), train_cfg(tmp_path, name, checkpoint_period=5)
+
+
+def _toy_straight_and_crashed(tmp_path):
+    """A 30-iteration toy run, and the same run crashed after its checkpoint at 25."""
+    from test_engine import make_loader, new_model
+
+    from predet.engine import train
+
+    solver, cfg = _toy_run(tmp_path, "straight")
+    straight = new_model()
+    train(straight, make_loader, solver, cfg)
+    cfg = replace(cfg, run_dir=str(tmp_path / "crashed"))
+    with pytest.raises(KeyboardInterrupt):
+        train(new_model(), make_loader, solver, cfg, hooks=[CrashAt(27)])
+    return straight.state_dict(), solver, cfg
+
+
+def _resume_toy(solver, cfg):
+    from test_engine import make_loader, new_model
+
+    from predet.engine import train
+
+    model = new_model()
+    result = train(model, make_loader, solver, replace(cfg, resume=True))
+    return model, result
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    straight, solver, cfg = _toy_straight_and_crashed(tmp_path)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    newest = ckpts / "checkpoint_0000025.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # really truncated
+    with caplog.at_level("WARNING", logger="predet.engine"):
+        model, result = _resume_toy(solver, cfg)
+    assert "skipping checkpoint" in caplog.text and "checkpoint_0000025.pth" in caplog.text
+    assert "truncated or damaged" in caplog.text
+    assert model.calls == 10  # resumed from 20, not from scratch
+    assert_same_weights(straight, model.state_dict())
+
+
+def test_last_checkpoint_naming_a_missing_file_does_not_restart(tmp_path):
+    straight, solver, cfg = _toy_straight_and_crashed(tmp_path)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    (ckpts / "last_checkpoint").write_text("checkpoint_0000099.pth\n")
+    (ckpts / "checkpoint_0000025.pth").unlink()
+    older = (ckpts / "checkpoint_0000010.pth").read_bytes()
+    model, result = _resume_toy(solver, cfg)
+    assert model.calls == 10  # from 20: the older good checkpoints were used, not overwritten
+    assert (ckpts / "checkpoint_0000010.pth").read_bytes() == older
+    assert_same_weights(straight, model.state_dict())
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    from predet.errors import CheckpointError
+
+    _, solver, cfg = _toy_straight_and_crashed(tmp_path)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    for path in ckpts.glob("checkpoint_*.pth"):
+        path.write_bytes(b"PK\x03\x04 not a whole zip")
+    before = sorted((p.name, p.read_bytes()) for p in ckpts.iterdir())
+    with pytest.raises(CheckpointError, match="none loads.*refusing to start over"):
+        _resume_toy(solver, cfg)
+    assert sorted((p.name, p.read_bytes()) for p in ckpts.iterdir()) == before
+
+
+def test_stale_temp_files_are_removed_on_the_next_start(tmp_path):
+    _, solver, cfg = _toy_straight_and_crashed(tmp_path)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    stale = ckpts / ".checkpoint_0000030.pth.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    _resume_toy(solver, cfg)
+    assert not stale.exists()
+    assert not list(ckpts.glob(".*.tmp"))
