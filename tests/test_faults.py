@@ -27,7 +27,7 @@ from predet.pretrain import pretrain
 
 from helpers import CrashAt, tiny_pretrain_config
 
-ITERS, PERIOD, CRASH = 10, 5, 7  # resume from iteration 5: odd, so loader workers rotate
+ITERS, PERIOD = 4, 3  # resume from iteration 3: odd, so two loader workers swap streams
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def shards(weak_set, tmp_path_factory) -> Path:
 
 def shard_config(weak_set, shards, run_dir, **extra):
     extra = {"data.train": shards, "data.vocab": shards / "vocab.json",
-             "train.checkpoint_period": PERIOD, "train.log_period": 5, **extra}
+             "train.checkpoint_period": PERIOD, "train.log_period": 1, **extra}
     return tiny_pretrain_config(weak_set, run_dir, ITERS, **extra)
 
 
@@ -58,35 +58,63 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
 
 
-@pytest.fixture(scope="module")
-def straight_shard_run(weak_set, shards, tmp_path_factory) -> dict:
-    """Uninterrupted shard runs, by loader worker count (each worker reads its own shards)."""
-    runs = {}
-    for workers in (1, 2):
-        run = tmp_path_factory.mktemp(f"straight{workers}")
-        pretrain(shard_config(weak_set, shards, run, **{"train.num_workers": workers}))
-        runs[workers] = final_weights(run)
-    return runs
-
-
 # ----------------------------------------------------------------------------- item 1
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_shard_resume_is_bit_exact(weak_set, shards, straight_shard_run, tmp_path, monkeypatch,
-                                   workers):
+def _batches(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same_batch(a: dict, b: dict, where: str) -> None:
+    assert a.keys() == b.keys(), where
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{where}: {key}"
+        else:
+            assert a[key] == b[key], f"{where}: {key}"
+
+
+@pytest.mark.parametrize("workers,world", [(0, 1), (1, 1), (2, 1), (2, 2)])
+def test_shard_loader_resumed_at_k_yields_the_tail_of_the_full_stream(
+        weak_set, shards, tmp_path, monkeypatch, workers, world):
+    """Batch i of a loader resumed at k is batch i of the uninterrupted loader, per rank."""
+    from predet.data.weak import build_weak_dataset
+    from predet.pretrain import build_pretrain_loader
+    from predet.views import TwoViewTransform
+
+    cfg = shard_config(weak_set, shards, tmp_path, **{"train.num_workers": workers,
+                                                       "data.views.size": 32})
+    dataset, _ = build_weak_dataset(shards, None, TwoViewTransform(cfg.data.views), cfg.train.seed,
+                                    repeat=True)
+    total = 7  # crosses an epoch boundary of the 8-image shards per stream
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        full = _batches(build_pretrain_loader(dataset, cfg, 0, rank, world), total)
+        for k in (3, 4):
+            tail = _batches(build_pretrain_loader(dataset, cfg, k, rank, world), total - k)
+            for i, (a, b) in enumerate(zip(full[k:], tail)):
+                _assert_same_batch(a, b, f"rank {rank}, resumed at {k}, batch {k + i}")
+
+
+def test_pretrain_from_shards_killed_and_resumed_is_bit_exact(weak_set, shards, tmp_path,
+                                                              monkeypatch):
+    """The whole pre-training path, two loader workers, resumed at an odd iteration."""
     import predet.pretrain as pretrain_module
 
+    extra = {"train.num_workers": 2}
+    pretrain(shard_config(weak_set, shards, tmp_path / "straight", **extra))
     real_train = pretrain_module.train
     monkeypatch.setattr(pretrain_module, "train",
-                        lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(CRASH)]}))
-    cfg = shard_config(weak_set, shards, tmp_path / "run", **{"train.num_workers": workers})
+                        lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(PERIOD)]}))
+    cfg = shard_config(weak_set, shards, tmp_path / "run", **extra)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg)
     monkeypatch.setattr(pretrain_module, "train", real_train)
     assert latest_checkpoint(tmp_path / "run").name == f"checkpoint_{PERIOD:07d}.pth"
     pretrain(replace(cfg, train=replace(cfg.train, resume=True)))
-    assert_same_weights(straight_shard_run[workers], final_weights(tmp_path / "run"))
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "run"))
 
 
 # ----------------------------------------------------------------------------- item 2
