@@ -250,7 +250,7 @@ def test_subset_is_deterministic_and_valid(tmp_path):
     assert [img["id"] for img in other["images"]] != ids
     bigger = json.loads(write_subset(src, 10, 0, tmp_path / "s10.json").read_text())
     assert set(ids) <= {img["id"] for img in bigger["images"]}  # nested subsets
-    with pytest.raises(ValueError, match="subset of 21 images: the file has 20"):
+    with pytest.raises(ValueError, match="data.subset=21: .* has 20 images"):
         write_subset(src, 21, 0, tmp_path / "too_many.json")
 
 

@@ -200,19 +200,28 @@ def setup_logging() -> None:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def user_error_line(exc: BaseException) -> str | None:
+    """The one line a user mistake prints (cause and fix), or None for a bug (traceback)."""
+    from predet.data.fashion_mnist import FashionMNISTNotFound
+    from predet.errors import UserError, disk_full, is_disk_full
+
+    if is_disk_full(exc) and not isinstance(exc, UserError):
+        exc = disk_full(getattr(exc, "filename", None) or "an output file")
+    if not isinstance(exc, (UserError, FashionMNISTNotFound, FloatingPointError)):
+        return None
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    from predet.data.fashion_mnist import FashionMNISTNotFound
-    from predet.data.weak import LabelFileError
-    from predet.detection.datasets import AnnotationError
-    from predet.engine.trainer import ResumeError
-
     try:
         return args.func(args) or 0
-    except (ConfigError, LabelFileError, AnnotationError, FashionMNISTNotFound, FloatingPointError,
-            ResumeError) as exc:
-        print(f"predet {args.verb}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        line = user_error_line(exc)
+        if line is None:
+            raise
+        print(f"predet {args.verb}: error: {line}", file=sys.stderr)
         return 2
 
 

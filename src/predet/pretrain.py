@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from predet.config import SolverConfig, TrainConfig, load_config, to_dict
+from predet.config import ConfigError, SolverConfig, TrainConfig, load_config, to_dict
 from predet.data.weak import (
     DeterministicBatchSampler,
     Vocabulary,
@@ -18,7 +16,10 @@ from predet.data.weak import (
     collate_weak,
 )
 from predet.engine.distributed import cleanup, get_rank, get_world_size
-from predet.engine.trainer import TrainResult, train
+from predet.engine.optim import check_solver
+from predet.engine.runfolder import run_folder
+from predet.engine.trainer import TrainResult, check_train_config, resolve_device, train
+from predet.models.backbone import BACKBONES
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
 from predet.views import TwoViewTransform, ViewConfig
@@ -57,7 +58,21 @@ def collate_two_view(samples: list[dict]) -> dict:
 
 
 def read_vocab(path: str) -> Vocabulary | None:
-    return Vocabulary.from_list(json.loads(Path(path).read_text())) if path else None
+    return Vocabulary.load_json(path) if path else None
+
+
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Everything that can be refused before data is read or a file is written."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give a labels.jsonl, a shard pattern or a shard folder")
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown; choose one of "
+                          f"{', '.join(BACKBONES)}")
+    if not any((cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi)):
+        raise ConfigError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
+    check_solver(cfg.solver)
+    check_train_config(cfg.train)
+    resolve_device(cfg.train.device)
 
 
 def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: int, world: int):
@@ -86,13 +101,10 @@ def build_pretrain_model(cfg: PretrainConfig, num_classes: int) -> PreDet:
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pre-train a PreDet model; returns where the run ended and its checkpoint."""
-    if not cfg.data.train:
-        raise ValueError("data.train is empty: give a labels.jsonl, shard pattern or shard folder")
+    check_pretrain_config(cfg)
     transform = TwoViewTransform(cfg.data.views)
     vocab = read_vocab(cfg.data.vocab)
     dataset, vocab = build_weak_dataset(cfg.data.train, vocab, transform, cfg.train.seed, repeat=True)
-    if not any((cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi)):
-        raise ValueError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
     train_cfg = cfg.train
     if 0 in (cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi):
         train_cfg = dataclasses.replace(train_cfg, find_unused_parameters=True)
@@ -112,10 +124,11 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         return iter(build_pretrain_loader(dataset, cfg, start_iter, get_rank(), get_world_size()))
 
     try:
-        return train(
-            model, make_loader, cfg.solver, train_cfg,
-            extra_state={"vocab": vocab.to_list(), "kind": "predet_pretrain"},
-            hooks=hooks, config_dict=to_dict(cfg),
-        )
+        with run_folder(cfg.train.run_dir, "pre-training"):
+            return train(
+                model, make_loader, cfg.solver, train_cfg,
+                extra_state={"vocab": vocab.to_list(), "kind": "predet_pretrain"},
+                hooks=hooks, config_dict=to_dict(cfg),
+            )
     finally:
         cleanup()

@@ -298,6 +298,8 @@ def _open_rgb(source: str | io.BytesIO) -> Image.Image:
 def _try_open(source: str | io.BytesIO) -> tuple[Image.Image | None, str]:
     try:
         return _open_rgb(source), ""
+    except FileNotFoundError:
+        return None, "not found"
     except Exception as exc:  # PIL raises many types for bad data; all mean "unusable"
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -705,7 +707,7 @@ class SkipCounter:
     def summary(self, max_items: int = 5) -> str:
         if not self.count:
             return "skipped 0 images"
-        lines = [f"skipped {self.count} image(s) that could not be decoded:"]
+        lines = [f"skipped {self.count} image(s) that could not be read (missing or not decodable):"]
         lines += [f"  {path}: {reason}" for path, reason in self.examples[:max_items]]
         if self.count > max_items:
             lines.append(f"  ... and {self.count - max_items} more")
