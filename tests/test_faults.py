@@ -197,3 +197,108 @@ def test_stale_temp_files_are_removed_on_the_next_start(tmp_path):
     _resume_toy(solver, cfg)
     assert not stale.exists()
     assert not list(ckpts.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- item 6
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _lock_pid(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / ".lock").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
+    from predet.engine.runfolder import acquire_lock, release_lock
+    from predet.errors import RunLocked
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    lock = acquire_lock(tmp_path)  # stale: its process is gone
+    assert _lock_pid(tmp_path) == os.getpid()
+    release_lock(lock)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunLocked, match=f"in use by another run \\(pid {live.pid}\\)"):
+            acquire_lock(tmp_path)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_sweep_holds_its_folder_and_its_run_dies_with_it(fashiondet_tiny, tmp_path, capsys):
+    """A live sweep refuses a second sweep and a finetune on its run; SIGKILL of the sweep
+    also ends the run it launched, and the run's lock is then stale, not blocking."""
+    from predet.cli import main as cli_main
+    from predet.engine.runfolder import acquire_lock, release_lock
+
+    from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
+
+    out = tmp_path / "sweep"
+    overrides = [o for o in tiny_finetune_overrides(fashiondet_tiny, tmp_path / "x", "scratch", 10_000)
+                 if not o.startswith("train.run_dir=")]
+    sweep_args = ["sweep", "--config", str(CPU_FINETUNE_CONFIG), *overrides, "--grid", "lr=0.01",
+                  "--seeds", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "predet", *sweep_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = out / "lr0.01" / "seed0"
+    try:
+        child = _wait_for(lambda: _lock_pid(run), 240, "the sweep's run to take its lock")
+        assert _lock_pid(out) == proc.pid and child != proc.pid
+        assert cli_main(sweep_args) == 2
+        assert f"in use by another sweep (pid {proc.pid})" in capsys.readouterr().err
+        finetune_args = ["finetune", "--config", str(CPU_FINETUNE_CONFIG), *overrides, f"train.run_dir={run}"]
+        assert cli_main(finetune_args) == 2
+        assert f"in use by another fine-tuning (pid {child})" in capsys.readouterr().err
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _wait_for(lambda: not _pid_alive(child), 60, f"run pid {child} to end with its sweep")
+    finally:
+        proc.kill()
+        proc.wait()
+    release_lock(acquire_lock(run))  # both locks are stale now, not blocking
+    release_lock(acquire_lock(out))
+
+
+def test_sweep_does_not_retry_a_run_that_failed_on_its_inputs(tmp_path, capsys):
+    from predet.sweep import sweep
+
+    from helpers import CPU_FINETUNE_CONFIG
+
+    out = tmp_path / "sweep"
+    log = out / "lr-bad" / "seed0" / "log.txt"
+    first = sweep(CPU_FINETUNE_CONFIG, {"lr": ["bad"]}, seeds=1, out_dir=out)
+    assert first["runs"][0]["status"] == "failed" and log.read_text().count("\n=== ") == 1
+    again = sweep(CPU_FINETUNE_CONFIG, {"lr": ["bad"]}, seeds=1, out_dir=out)
+    assert again["runs"][0]["status"] == "failed" and log.read_text().count("\n=== ") == 1
+    text = capsys.readouterr().out
+    assert "failed earlier (exit 2), not retried" in text and "--retry-failed" in text
+    sweep(CPU_FINETUNE_CONFIG, {"lr": ["bad"]}, seeds=1, out_dir=out, retry_failed=True)
+    assert log.read_text().count("\n=== ") == 2

@@ -83,7 +83,8 @@ def cmd_sweep(args) -> int:
     summary = sweep(args.config, parse_grid_args(args.grid), seeds=args.seeds, metric=args.metric,
                     out_dir=args.out, overrides=args.overrides, launcher=args.launcher, nproc=args.nproc,
                     slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
-                    gpus_per_node=args.gpus_per_node, jobs=args.jobs, threads=args.threads)
+                    gpus_per_node=args.gpus_per_node, jobs=args.jobs, threads=args.threads,
+                    retry_failed=args.retry_failed)
     return 1 if any(r["status"] == "failed" for r in summary["runs"]) else 0
 
 
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-partition", default="", help="submitit: SLURM partition")
     p.add_argument("--slurm-time", type=int, default=1440, help="submitit: time limit per run, minutes")
     p.add_argument("--gpus-per-node", type=int, default=1, help="submitit: GPUs (and processes) per run")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="relaunch runs that failed on their inputs (exit 2); killed runs are always retried")
     p.set_defaults(func=cmd_sweep)
 
     p = verbs.add_parser("report", help="tables (as the supplement's Tables 3/4) and AP curves from run folders")
