@@ -98,23 +98,73 @@ def test_shard_loader_resumed_at_k_yields_the_tail_of_the_full_stream(
                 _assert_same_batch(a, b, f"rank {rank}, resumed at {k}, batch {k + i}")
 
 
-def test_pretrain_from_shards_killed_and_resumed_is_bit_exact(weak_set, shards, tmp_path,
-                                                              monkeypatch):
-    """The whole pre-training path, two loader workers, resumed at an odd iteration."""
-    import predet.pretrain as pretrain_module
+def test_pretrain_from_shards_sigkilled_and_resumed_is_bit_exact(weak_set, shards, tmp_path):
+    """``predet pretrain`` on shards with two loader workers, really SIGKILLed once its
+    checkpoint at iteration 3 exists (odd: the workers swap streams), then resumed."""
+    from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
 
-    extra = {"train.num_workers": 2}
-    pretrain(shard_config(weak_set, shards, tmp_path / "straight", **extra))
-    real_train = pretrain_module.train
-    monkeypatch.setattr(pretrain_module, "train",
-                        lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(PERIOD)]}))
-    cfg = shard_config(weak_set, shards, tmp_path / "run", **extra)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(cfg)
-    monkeypatch.setattr(pretrain_module, "train", real_train)
-    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint_{PERIOD:07d}.pth"
+    extra = {"data.train": shards, "data.vocab": shards / "vocab.json", "train.num_workers": 2,
+             "train.checkpoint_period": PERIOD, "train.log_period": 1}
+    pretrain(shard_config(weak_set, shards, tmp_path / "straight", **{"train.num_workers": 2}))
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", str(CPU_PRETRAIN_CONFIG),
+            *tiny_pretrain_overrides(weak_set, run, ITERS, **extra)]
+    proc = subprocess.Popen([sys.executable, "-m", "predet", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ckpt = run / "checkpoints" / f"checkpoint_{PERIOD:07d}.pth"
+        _wait_for(lambda: ckpt.exists() or proc.poll() is not None, 300, "the first checkpoint")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        proc.kill()
+    assert not (run / "checkpoints" / "model_final.pth").exists()
+    cfg = shard_config(weak_set, shards, run, **{"train.num_workers": 2})
     pretrain(replace(cfg, train=replace(cfg.train, resume=True)))
-    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "run"))
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
+
+
+_DIE_WHILE_SAVING = """
+import io, os, signal, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from test_engine import make_loader, new_model, solver_cfg, train_cfg
+from predet.engine import train
+
+real_save = torch.save
+
+def save_and_die(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("iteration") == 20 and "optimizer" in obj:
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # half of it on disk
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save_and_die
+train(new_model(), make_loader, solver_cfg(), train_cfg(Path({tmp!r}), "crashed", checkpoint_period=5))
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tmp_path):
+    from test_engine import make_loader, new_model, solver_cfg, train_cfg
+
+    from predet.engine import train
+
+    straight = new_model()
+    train(straight, make_loader, solver_cfg(), train_cfg(tmp_path, "straight", checkpoint_period=5))
+    script = _DIE_WHILE_SAVING.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    ckpts = tmp_path / "crashed" / "checkpoints"
+    assert [p.name for p in ckpts.glob(".*.tmp")]  # the half-written file the kill left
+    assert latest_checkpoint(tmp_path / "crashed").name == "checkpoint_0000015.pth"
+    model = new_model()
+    train(model, make_loader, solver_cfg(), train_cfg(tmp_path, "crashed", checkpoint_period=5, resume=True))
+    assert model.calls == 15 and not list(ckpts.glob(".*.tmp"))
+    assert_same_weights(straight.state_dict(), model.state_dict())
 
 
 # ----------------------------------------------------------------------------- item 2
@@ -302,3 +352,68 @@ def test_sweep_does_not_retry_a_run_that_failed_on_its_inputs(tmp_path, capsys):
     assert "failed earlier (exit 2), not retried" in text and "--retry-failed" in text
     sweep(CPU_FINETUNE_CONFIG, {"lr": ["bad"]}, seeds=1, out_dir=out, retry_failed=True)
     assert log.read_text().count("\n=== ") == 2
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs): writes past it fail with ENOSPC."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: the full-disk cases need a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs is not permitted here ({done.stderr.strip()}); "
+                    "the full-disk cases need root or CAP_SYS_ADMIN")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_writing_shards_is_one_line_and_leaves_nothing(weak_set, small_disk, capsys):
+    from predet.cli import main as cli_main
+
+    out = small_disk / "shards"
+    assert cli_main(["data", "shards", "--labels", str(weak_set / "labels.jsonl"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    line = [l for l in err.splitlines() if ": error: " in l]
+    assert len(line) == 1 and "Traceback" not in err
+    assert line[0].startswith("predet data: error: no space left on device while writing ")
+    assert "shard-" in line[0]
+    assert not out.exists()
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(small_disk, tmp_path):
+    """The disk fills up between two checkpoints: the second save fails naming its file, the
+    first stays loadable, no temp file is left, and the run resumes once there is room."""
+    from test_engine import make_loader, new_model, solver_cfg, train_cfg
+
+    from predet.engine import train
+    from predet.errors import DiskFull
+
+    class FillDisk:
+        def after_step(self, state):
+            if state.iteration == 7:
+                with open(small_disk / "filler", "wb", buffering=0) as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * 4096)
+                    except OSError:
+                        pass  # the disk is full now
+
+    solver = solver_cfg(max_iters=10, milestones=[])
+    cfg = train_cfg(small_disk, "run", checkpoint_period=5, log_period=100)
+    with pytest.raises(DiskFull, match="no space left on device while writing .*checkpoint_0000010.pth"):
+        train(new_model(), make_loader, solver, cfg, hooks=[FillDisk()])
+    ckpts = small_disk / "run" / "checkpoints"
+    assert load_checkpoint(ckpts / "checkpoint_0000005.pth")["iteration"] == 5
+    assert not list(ckpts.glob(".*.tmp"))
+    (small_disk / "filler").unlink()
+    model = new_model()
+    assert train(model, make_loader, solver, replace(cfg, resume=True)).iteration == 10
+    assert model.calls == 5

@@ -2,9 +2,9 @@
 
 ``run_folder(path)`` takes ``path/.lock`` (the holder's pid and host) for the duration of a
 run. A second run on the same folder is refused while the holder lives; a lock whose process
-is gone (killed, crashed, rebooted) is stale and taken over. Only the main process of a DDP
-run takes it. If the folder did not exist before and the run stops with a user error before
-producing anything worth keeping, the folder is removed again.
+is gone (killed, crashed, rebooted, a zombie) is stale and taken over. Only the main process
+of a DDP run takes it. If the folder did not exist before and the run stops with a user error
+before its first checkpoint, the folder is removed again.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _is_main() -> bool:
 @contextlib.contextmanager
 def run_folder(folder: str | Path, what: str = "run"):
     """Hold ``folder``'s lock for the block; remove a folder this block created if it ends
-    with a user error (other than a data error, whose skipped.jsonl is the evidence)."""
+    with a user error before its first checkpoint (a data error keeps its skipped.jsonl)."""
     folder = Path(folder)
     created = not folder.exists()
     held_before = _read_lock(folder / LOCK_FILE).get("pid") == os.getpid()
@@ -98,7 +98,8 @@ def run_folder(folder: str | Path, what: str = "run"):
     try:
         yield folder
     except UserError as exc:
-        if created and _is_main() and not isinstance(exc, DataError):
+        kept = isinstance(exc, DataError) or any((folder / "checkpoints").glob("checkpoint_*.pth"))
+        if created and _is_main() and not kept:
             shutil.rmtree(folder, ignore_errors=True)
             lock = None
         raise
