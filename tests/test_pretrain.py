@@ -214,3 +214,27 @@ def test_pretext_diagnostics_are_logged_on_heldout_pairs(weak_set, tmp_path):
     for r in records:
         assert 0.0 <= r["pretext/crpn_recall@0.5"] <= 1.0 and 0.0 <= r["pretext/nce_top1"] <= 1.0
     assert result.iteration == 4
+
+
+def test_a_kill_during_the_pretext_evaluation_loses_no_record(weak_set, tmp_path, monkeypatch):
+    """Killed after checkpoint 2 but before its pretext evaluation: the resumed run redoes it."""
+    import predet.pretrain as pretrain_module
+
+    real_train = pretrain_module.train
+    monkeypatch.setattr(pretrain_module, "train",
+                        lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(2), *k["hooks"]]}))
+    cfg = tiny_pretrain_config(weak_set, tmp_path / "run", 3, **{
+        "data.val": weak_set / "heldout.jsonl", "train.eval_period": 2, "train.checkpoint_period": 2})
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.setattr(pretrain_module, "train", real_train)
+
+    def pretext_iterations():
+        return [r["iteration"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+                if "pretext/nce_top1" in r]
+
+    assert pretext_iterations() == []
+    pretrain(tiny_pretrain_config(weak_set, tmp_path / "run", 3, **{
+        "data.val": weak_set / "heldout.jsonl", "train.eval_period": 2, "train.checkpoint_period": 2,
+        "train.resume": "true"}))
+    assert pretext_iterations() == [2, 3]
