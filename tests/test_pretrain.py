@@ -142,7 +142,7 @@ def test_more_unreadable_images_than_allowed_stop_the_run(weak_set, tmp_path):
 
 
 @pytest.mark.parametrize("fraction,fragment", [(0.1, "8 of 8 image reads failed"),
-                                               (1.0, "no optimizer step in 2 iteration(s)")])
+                                               (1.0, r"no optimizer step in 2 iteration\(s\)")])
 def test_a_run_whose_images_are_all_unreadable_is_an_error(weak_set, tmp_path, fraction, fragment):
     from predet.errors import DataError
 
