@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from predet.config import ConfigError, parse_override
-from predet.engine.runfolder import run_folder
 
 SHORT_KEYS: dict[str, str] = {
     "lr": "solver.lr",
@@ -621,6 +620,8 @@ def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "
     overrides = list(overrides)
     grid = check_inputs(config, grid, overrides)
     out_dir = Path(out_dir)
+    from predet.engine.runfolder import run_folder  # (imports torch: not at module level)
+
     with run_folder(out_dir, "sweep"):
         return _sweep(config, grid, seeds, metric, out_dir, overrides, launcher, nproc, echo,
                       retry_failed, launcher_opts)
