@@ -124,6 +124,45 @@ def test_pretrain_from_shards_sigkilled_and_resumed_is_bit_exact(weak_set, shard
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_shard_worker(rank, world, port, weak, shards, tmp):
+    """Straight, crashed-after-checkpoint-3 and resumed shard pre-training in one process group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import predet.pretrain as pretrain_module
+    from predet.engine.distributed import cleanup
+
+    weak, shards, tmp = Path(weak), Path(shards), Path(tmp)
+    pretrain_module.cleanup = lambda: None  # one group for the three runs
+    real_train = pretrain_module.train
+    extra = {"train.batch_size": 2}
+    try:
+        pretrain(shard_config(weak, shards, tmp / "straight", **extra))
+        pretrain_module.train = lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(PERIOD)]})
+        cfg = shard_config(weak, shards, tmp / "run", **extra)
+        try:
+            pretrain(cfg)
+        except KeyboardInterrupt:
+            pass
+        pretrain_module.train = real_train
+        pretrain(replace(cfg, train=replace(cfg.train, resume=True)))
+    finally:
+        cleanup()
+
+
+def test_two_process_gloo_shard_pretraining_resumes_bit_exactly(weak_set, shards, tmp_path):
+    mp.spawn(_ddp_shard_worker, nprocs=2,
+             args=(2, _free_port(), str(weak_set), str(shards), str(tmp_path)))
+    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint_{ITERS:07d}.pth"
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "run"))
+
+
 _DIE_WHILE_SAVING = """
 import io, os, signal, sys
 from pathlib import Path

@@ -48,6 +48,7 @@ from .distributed import (
     all_gather_object,
     all_reduce_mean,
     all_reduce_sum_ints,
+    barrier,
     init_distributed,
     is_main_process,
     unwrap_model,
@@ -636,6 +637,7 @@ def train(
         })
         write_last_checkpoint(path)
         _write_skipped(run_dir, skipped_all)
+        barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
         return path
 
     def check_reads(final: bool) -> None:
