@@ -250,7 +250,7 @@ def test_subset_is_deterministic_and_valid(tmp_path):
     assert [img["id"] for img in other["images"]] != ids
     bigger = json.loads(write_subset(src, 10, 0, tmp_path / "s10.json").read_text())
     assert set(ids) <= {img["id"] for img in bigger["images"]}  # nested subsets
-    with pytest.raises(ValueError, match="subset of 21 images: the file has 20"):
+    with pytest.raises(ValueError, match="data.subset=21: .* has 20 images"):
         write_subset(src, 21, 0, tmp_path / "too_many.json")
 
 
@@ -336,3 +336,52 @@ def test_lvis_fixture_loads(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(AnnotationError, match=r'images\[0\] \(id 1\): field "neg_category_ids"'):
         LVISDetection(path, tmp_path)
+
+
+# -- issue 10: every segmentation checked when the data set is built; unreadable images skipped
+
+
+@pytest.mark.parametrize("segmentation,fragment", [
+    ([[10, 5, "20", 5, 20, 15, 10, 15]], "polygon coordinates must be finite numbers, got '20'"),
+    ([[10, 5, None, 5, 20, 15, 10, 15]], "got None"),
+    ({"size": [H, W], "counts": "not an RLE string!"}, 'compressed RLE "counts" is not a valid'),
+    ({"size": [H, W], "counts": "0123"}, "not height * width"),
+])
+def test_bad_segmentations_are_refused_when_the_set_is_built(tmp_path, segmentation, fragment):
+    data = coco_fixture()
+    data["annotations"][1]["segmentation"] = segmentation
+    msg = error_for(tmp_path, data)
+    assert msg.startswith(f'{tmp_path / "train.json"}: annotations[1] (id 11): field "segmentation": ')
+    assert fragment in msg
+
+
+def test_valid_compressed_rle_passes_the_string_check():
+    from predet.detection.datasets import _compressed_rle_counts
+
+    for mask in (rect_mask(2, 3, 9, 7), rect_mask(0, 0, W, H), np.zeros((H, W), np.uint8)):
+        rle = compressed_rle(mask)
+        counts = _compressed_rle_counts(rle["counts"])
+        assert sum(counts) == H * W
+        assert counts == uncompressed_rle(mask)["counts"]
+
+
+@pytest.mark.parametrize("key", ["images", "categories"])
+def test_a_coco_file_without_images_or_categories_is_an_error(tmp_path, key):
+    data = coco_fixture()
+    data[key] = []
+    data["annotations"] = []
+    msg = error_for(tmp_path, data)
+    assert f'field "{key}": empty' in msg
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "truncated"])
+def test_unreadable_training_image_is_skipped_and_an_eval_image_is_an_error(tmp_path, damage):
+    path = make_coco(tmp_path)
+    image = tmp_path / "img2.png"
+    image.write_bytes(b"" if damage == "zero-byte" else image.read_bytes()[:60])
+    train = CocoDetection(path, tmp_path, train=True)
+    batch = collate_detection([train[(0, 1)], train[(1, 2)], train[(2, 3)]])
+    assert batch["num_images"] == 2 and [t["image_id"] for t in batch["targets"]] == [1, 3]
+    assert [p for p, _ in batch["skipped"]] == [str(image)]
+    with pytest.raises(AnnotationError, match=r"images\[1\] \(id 2\).*cannot read .*img2.png"):
+        CocoDetection(path, tmp_path)[1]

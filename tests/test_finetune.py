@@ -235,3 +235,29 @@ def test_scratch_with_frozen_bn_picks_group_norm_and_says_so(fashiondet_tiny, tm
 
 def names_of(fashiondet) -> list[str]:
     return [c["name"] for c in json.loads((fashiondet / "det" / "annotations" / "val.json").read_text())["categories"]]
+
+
+def test_unreadable_training_image_is_skipped_listed_and_reported(fashiondet_tiny, tmp_path):
+    """A zero-byte image in the detection set: the run goes on, skipped.jsonl and results.json say so."""
+    import shutil
+
+    from predet.data.weak import DeterministicBatchSampler
+    from predet.detection.datasets import CocoDetection
+
+    det = fashiondet_tiny / "det"
+    images = tmp_path / "images"
+    shutil.copytree(det / "images", images)
+    train_json = det / "annotations" / "train.json"
+    dataset = CocoDetection(train_json, images, train=True)
+    first = DeterministicBatchSampler(len(dataset), 2, seed=0).batch(0)[0][0]  # read at iteration 1
+    bad = dataset.image_path(first)
+    bad.write_bytes(b"")
+    overrides = tiny_finetune_overrides(fashiondet_tiny, tmp_path / "run", "scratch", 2, **{
+        "data.train_images": images, "data.val": "", "train.max_skipped_fraction": 0.5,
+        "model.arch": "faster_rcnn"})
+    out = finetune(load_finetune_config(CPU_FINETUNE_CONFIG, overrides))
+    assert out.train.iteration == 2 and out.train.skipped == 1
+    skipped = [json.loads(l) for l in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in skipped] == [str(bad)]
+    results = json.loads(out.results_path.read_text())
+    assert results["skipped_images"]["count"] == 1

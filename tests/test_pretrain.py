@@ -100,23 +100,61 @@ def test_two_process_gloo_ddp_keeps_ranks_equal(weak_set, tmp_path):
     assert latest_checkpoint(tmp_path / "run") is not None
 
 
-def test_corrupt_and_missing_images_are_skipped_and_counted(weak_set, tmp_path):
-    lines = (weak_set / "labels.jsonl").read_text().splitlines()[:8]
+def _weak_copy(weak_set, tmp_path, n, corrupt=(), missing=()):
+    """The first ``n`` images of the weak set in a folder of their own, some damaged."""
+    lines = (weak_set / "labels.jsonl").read_text().splitlines()[:n]
     data = tmp_path / "weak"
     (data / "images").mkdir(parents=True)
     for line in lines:
         rel = json.loads(line)["image"]
         shutil.copy(weak_set / rel, data / rel)
-    (data / json.loads(lines[2])["image"]).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    (data / json.loads(lines[5])["image"]).unlink()
+    for i in corrupt:
+        (data / json.loads(lines[i])["image"]).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    for i in missing:
+        (data / json.loads(lines[i])["image"]).unlink()
     (data / "labels.jsonl").write_text("\n".join(lines) + "\n")
     shutil.copy(weak_set / "vocab.json", data / "vocab.json")
-    # 8 images, batch 4, 2 iterations: exactly one epoch, so each bad image is met once.
-    result = pretrain(tiny_pretrain_config(data, tmp_path / "run", 2))
+    return data, [str(data / json.loads(lines[i])["image"]) for i in (*corrupt, *missing)]
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted_per_image(weak_set, tmp_path):
+    data, bad = _weak_copy(weak_set, tmp_path, 4, corrupt=[1], missing=[2])
+    # 4 images, batch 4, 2 iterations: two epochs, so each bad image is read twice, counted once.
+    result = pretrain(tiny_pretrain_config(data, tmp_path / "run", 2, **{"train.max_skipped_fraction": 0.6}))
     assert result.iteration == 2
     assert result.skipped == 2
     skipped = [json.loads(l) for l in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
-    assert len(skipped) == 2
+    reasons = {r["path"]: r["reason"] for r in skipped}
+    assert sorted(reasons) == sorted(bad)
+    assert reasons[bad[1]] == "not found" and reasons[bad[0]] != "not found"
+
+
+def test_more_unreadable_images_than_allowed_stop_the_run(weak_set, tmp_path):
+    from predet.errors import DataError
+
+    data, bad = _weak_copy(weak_set, tmp_path, 8, corrupt=[2], missing=[5])  # 25 % > 10 %
+    with pytest.raises(DataError) as err:
+        pretrain(tiny_pretrain_config(data, tmp_path / "run", 2))
+    msg = str(err.value)
+    assert "2 of 8 image reads failed" in msg and "max_skipped_fraction=0.1" in msg
+    assert all(path in msg for path in bad)
+    assert not (tmp_path / "run" / "checkpoints" / "model_final.pth").exists()
+
+
+@pytest.mark.parametrize("fraction,fragment", [(0.1, "8 of 8 image reads failed"),
+                                               (1.0, r"no optimizer step in 2 iteration\(s\)")])
+def test_a_run_whose_images_are_all_unreadable_is_an_error(weak_set, tmp_path, fraction, fragment):
+    from predet.errors import DataError
+
+    labels = tmp_path / "elsewhere" / "labels.jsonl"  # relative image paths now point nowhere
+    labels.parent.mkdir()
+    shutil.copy(weak_set / "labels.jsonl", labels)
+    cfg = tiny_pretrain_config(weak_set, tmp_path / "run", 2,
+                               **{"data.train": labels, "train.max_skipped_fraction": fraction})
+    with pytest.raises(DataError, match=fragment) as err:
+        pretrain(cfg)
+    assert "not found" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints" / "model_final.pth").exists()
 
 
 def test_cli_pretrain_smoke_and_bad_inputs(weak_set, tmp_path, capsys):
@@ -221,3 +259,27 @@ def test_per_view_batch_norm_normalises_each_view_with_its_own_statistics():
     model.cfg.per_view_bn = False
     shared, _ = model.features(batch["view1"], batch["view2"])
     assert not torch.allclose(shared, c5)
+
+
+def test_a_kill_during_the_pretext_evaluation_loses_no_record(weak_set, tmp_path, monkeypatch):
+    """Killed after checkpoint 2 but before its pretext evaluation: the resumed run redoes it."""
+    import predet.pretrain as pretrain_module
+
+    real_train = pretrain_module.train
+    monkeypatch.setattr(pretrain_module, "train",
+                        lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(2), *k["hooks"]]}))
+    cfg = tiny_pretrain_config(weak_set, tmp_path / "run", 3, **{
+        "data.val": weak_set / "heldout.jsonl", "train.eval_period": 2, "train.checkpoint_period": 2})
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.setattr(pretrain_module, "train", real_train)
+
+    def pretext_iterations():
+        return [r["iteration"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+                if "pretext/nce_top1" in r]
+
+    assert pretext_iterations() == []
+    pretrain(tiny_pretrain_config(weak_set, tmp_path / "run", 3, **{
+        "data.val": weak_set / "heldout.jsonl", "train.eval_period": 2, "train.checkpoint_period": 2,
+        "train.resume": "true"}))
+    assert pretext_iterations() == [2, 3]

@@ -161,7 +161,7 @@ def test_folder_items_and_skipped_images(tmp_path):
         assert out["skipped"] is True and set(out) == {"skipped", "path", "reason"}
         reasons[os.path.basename(out["path"])] = out["reason"]
     assert "truncated" in reasons["truncated.png"]
-    assert "No such file" in reasons["missing.png"] or "FileNotFound" in reasons["missing.png"]
+    assert reasons["missing.png"] == "not found"  # not a decoding error
     assert reasons["corrupt.png"]
 
 

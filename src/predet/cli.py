@@ -117,7 +117,8 @@ def cmd_sweep(args) -> int:
     summary = sweep(args.config, parse_grid_args(args.grid), seeds=args.seeds, metric=args.metric,
                     out_dir=args.out, overrides=args.overrides, launcher=args.launcher, nproc=args.nproc,
                     slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
-                    gpus_per_node=args.gpus_per_node, jobs=args.jobs, threads=args.threads)
+                    gpus_per_node=args.gpus_per_node, jobs=args.jobs, threads=args.threads,
+                    retry_failed=args.retry_failed)
     return 1 if any(r["status"] == "failed" for r in summary["runs"]) else 0
 
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-partition", default="", help="submitit: SLURM partition")
     p.add_argument("--slurm-time", type=int, default=1440, help="submitit: time limit per run, minutes")
     p.add_argument("--gpus-per-node", type=int, default=1, help="submitit: GPUs (and processes) per run")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="relaunch runs that failed on their inputs (exit 2); killed runs are always retried")
     p.set_defaults(func=cmd_sweep)
 
     p = verbs.add_parser("report", help="tables (as the supplement's Tables 3/4) and AP curves from run folders")
@@ -251,19 +254,28 @@ def setup_logging() -> None:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def user_error_line(exc: BaseException) -> str | None:
+    """The one line a user mistake prints (cause and fix), or None for a bug (traceback)."""
+    from predet.data.fashion_mnist import FashionMNISTNotFound
+    from predet.errors import UserError, disk_full, is_disk_full
+
+    if is_disk_full(exc) and not isinstance(exc, UserError):
+        exc = disk_full(getattr(exc, "filename", None) or "an output file")
+    if not isinstance(exc, (UserError, FashionMNISTNotFound, FloatingPointError)):
+        return None
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    from predet.data.fashion_mnist import FashionMNISTNotFound
-    from predet.data.weak import LabelFileError
-    from predet.detection.datasets import AnnotationError
-    from predet.engine.trainer import ResumeError
-
     try:
         return args.func(args) or 0
-    except (ConfigError, LabelFileError, AnnotationError, FashionMNISTNotFound, FloatingPointError,
-            ResumeError) as exc:
-        print(f"predet {args.verb}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        line = user_error_line(exc)
+        if line is None:
+            raise
+        print(f"predet {args.verb}: error: {line}", file=sys.stderr)
         return 2
 
 

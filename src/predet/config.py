@@ -18,7 +18,10 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+from predet.errors import UserError
+
+
+class ConfigError(UserError):
     """A config file or override that does not fit the schema."""
 
 
@@ -55,6 +58,8 @@ class TrainConfig:
     sync_bn: bool = False
     find_unused_parameters: bool = False
     progress: bool = True
+    # Stop the run when more than this fraction of image reads fail (0.1: 10 %).
+    max_skipped_fraction: float = 0.1
 
 
 def _is_dataclass_type(tp: Any) -> bool:

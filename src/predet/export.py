@@ -25,6 +25,8 @@ from predet.detection.models import DetectorConfig, build_detector
 from predet.detection.transfer import infer_arch, load_init_weights, to_detectron2
 from predet.engine.checkpoint import atomic_write, load_checkpoint
 from predet.engine.distributed import unwrap_model
+from predet.engine.runfolder import fresh_output
+from predet.errors import CheckpointError
 
 FORMATS = ("torchvision", "detectron2")
 
@@ -274,7 +276,8 @@ def _pretrain_model_config(checkpoint: dict, path) -> dict:
     config = checkpoint.get("config") or {}
     model = config.get("model") if isinstance(config.get("model"), dict) else None
     if model is None:
-        raise ValueError(f"{path} has no config.model: cannot tell its backbone and head sizes")
+        raise CheckpointError(f"{path} has no config.model: cannot tell its backbone and head sizes; "
+                              "export takes a checkpoint written by predet pretrain or finetune")
     return model
 
 
@@ -336,9 +339,18 @@ def export_metadata(cfg: DetectorConfig, detector: nn.Module, cat_ids=(), class_
 def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, formats=FORMATS,
                       arch: str = "mask_rcnn") -> list[Path]:
     """``predet export``: a pre-training checkpoint (its transferable parts) or a whole fine-tuned detector."""
+    with fresh_output(out_dir):
+        return _export_checkpoint(checkpoint_path, out_dir, formats, arch)
+
+
+def _export_checkpoint(checkpoint_path, out_dir, formats, arch) -> list[Path]:
     path = Path(checkpoint_path)
     checkpoint = load_checkpoint(path)
-    kind = checkpoint.get("extra_state", {}).get("kind")
+    extra = checkpoint.get("extra_state")
+    kind = extra.get("kind") if isinstance(extra, dict) else None
+    if kind not in ("predet_pretrain", "predet_finetune"):
+        raise CheckpointError(f"{path}: not a predet checkpoint (extra_state.kind={kind!r}); export "
+                              "takes a .pth written by predet pretrain or predet finetune")
     if kind != "predet_finetune":
         return export_pretrained(path, out_dir, formats, arch)
     from predet.finetune import detector_from_checkpoint

@@ -29,6 +29,7 @@ from predet.config import (
 )
 from predet.data.weak import DeterministicBatchSampler
 from predet.detection.datasets import (
+    AnnotationError,
     RepeatFactorBatchSampler,
     build_detection_dataset,
     collate_detection,
@@ -49,9 +50,12 @@ from predet.detection.presets import preset_overrides
 from predet.detection.schedules import resolve_schedule, scale_lr
 from predet.detection.transfer import init_layout, load_init_weights
 from predet.engine.checkpoint import load_checkpoint
-from predet.engine.optim import param_groups
+from predet.engine.optim import check_solver, param_groups
 from predet.engine.distributed import cleanup, get_rank, get_world_size, is_main_process
-from predet.engine.trainer import TrainResult, resolve_device, train
+from predet.engine.runfolder import fresh_output, run_folder
+from predet.engine.trainer import TrainResult, check_train_config, resolve_device, train
+from predet.errors import CheckpointError
+from predet.models.backbone import BACKBONES
 from predet.runlog import run_log
 
 logger = logging.getLogger(__name__)
@@ -219,14 +223,36 @@ def scratch_settings(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[str]]:
     return dataclasses.replace(cfg, model=model), notes
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json and log.txt land in the run dir."""
+def check_finetune_config(cfg: FinetuneConfig) -> None:
+    """Everything that can be refused before data is read or a file is written."""
+    from predet.detection.models import ARCHS
+
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a COCO or LVIS json")
-    resolve_solver(cfg)  # a schedule/solver conflict fails before anything is written
+    if cfg.init not in ("scratch", "random") and not Path(cfg.init).is_file():
+        raise ConfigError(f"init={cfg.init!r}: file not found; use 'scratch', 'random' or the path "
+                          "of a weight file")
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(f"model.arch={cfg.model.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown; choose one of "
+                          f"{', '.join(BACKBONES)}")
+    check_train_config(cfg.train)
+    try:
+        check_solver(resolve_solver(cfg))
+    except ConfigError:
+        raise
+    except ValueError as exc:  # an unknown schedule name, a bad schedule_scale
+        raise ConfigError(f"schedule={cfg.schedule!r}: {exc}") from None
+    resolve_device(cfg.train.device)
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json and log.txt land in
+    the run dir, which the run holds (a lock) while it trains."""
+    check_finetune_config(cfg)
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_log(run_dir):
+    with run_folder(run_dir, "fine-tuning"), run_log(run_dir):
         cfg, notes = scratch_settings(cfg)
         for note in notes:
             logger.warning("init=%s: %s", cfg.init, note)
@@ -282,7 +308,9 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
         if done.get("iteration") == result.iteration:  # a resumed run that had already finished
             return FinetuneResult(result, done, results_path)
         results = {"iteration": result.iteration, "init": cfg.init, "schedule": cfg.schedule,
-                   "solver": to_dict(solver), "train_data": train_set.stats}
+                   "solver": to_dict(solver), "train_data": train_set.stats,
+                   "skipped_images": {"count": result.skipped,
+                                      "list": str(run_dir / "skipped.jsonl") if result.skipped else None}}
         if is_main_process():
             device = resolve_device(cfg.train.device)
             for split, dataset in (("val", val_set), ("test", _test_set(cfg, masks))):
@@ -316,7 +344,8 @@ def load_detector(checkpoint: str | Path):
 def detector_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint"):
     """``load_detector`` for a checkpoint already read (so callers read the file once)."""
     if ckpt.get("extra_state", {}).get("kind") != "predet_finetune":
-        raise ValueError(f"{source}: not a predet finetune checkpoint (no extra_state.kind='predet_finetune')")
+        raise CheckpointError(f"{source}: not a predet finetune checkpoint (no extra_state.kind="
+                              "'predet_finetune'); eval takes a checkpoint written by predet finetune")
     cfg = from_dict(FinetuneConfig, ckpt["config"])
     detector = build_detector(cfg.model, num_classes=len(ckpt["extra_state"]["cat_ids"]))
     detector.load_state_dict(ckpt["model"])
@@ -331,15 +360,17 @@ def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "",
     dataset = build_detection_dataset(data, images or cfg.data.val_images, kind or cfg.data.kind,
                                       masks=cfg.model.arch == "mask_rcnn")
     if list(dataset.cat_ids) != list(extra["cat_ids"]):
-        raise ValueError(f"{data}: categories {list(dataset.cat_ids)} differ from the checkpoint's {extra['cat_ids']}")
+        raise AnnotationError(f"{data}: categories {list(dataset.cat_ids)} differ from the checkpoint's "
+                              f"{extra['cat_ids']}; evaluate on data with the training categories")
     dev = resolve_device(device)
     detector.to(dev)
     evaluation = evaluate_dataset_full(detector, dataset, dev, batch_size)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent
-    out.mkdir(parents=True, exist_ok=True)
-    write_results_json({"checkpoint": str(checkpoint), "data": str(data), **evaluation.metrics,
-                        "per_category": evaluation.per_category}, out / "eval_results.json")
-    write_coco_results(evaluation.results, out / RESULTS_FILE)
-    if visualize_n:
-        visualize(detector, dataset, visualize_n, out / "visualize", dev)
+    with fresh_output(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_results_json({"checkpoint": str(checkpoint), "data": str(data), **evaluation.metrics,
+                            "per_category": evaluation.per_category}, out / "eval_results.json")
+        write_coco_results(evaluation.results, out / RESULTS_FILE)
+        if visualize_n:
+            visualize(detector, dataset, visualize_n, out / "visualize", dev)
     return evaluation

@@ -197,6 +197,20 @@ class PretextDiagnosticsHook:
         model.train(was_training)
         return self.last
 
+    def before_train(self, state):
+        """A kill between a checkpoint and its evaluation lost that record: redo it on resume."""
+        it = state.start_iter
+        if state.rank != 0 or it == 0 or it % self.period:
+            return
+        from predet.engine.metrics import METRICS_FILE, read_metrics
+
+        path = state.run_dir / METRICS_FILE
+        done = path.is_file() and any(
+            r.get("iteration") == it and any(k.startswith("pretext/") for k in r)
+            for r in read_metrics(path))
+        if not done:
+            self.after_step(state)
+
     def after_step(self, state):
         if state.rank == 0 and (state.iteration % self.period == 0 or state.iteration == state.max_iters):
             result = self.run(state.model, state.device)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from predet.config import SolverConfig, TrainConfig, load_config, to_dict
+from predet.config import ConfigError, SolverConfig, TrainConfig, load_config, to_dict
 from predet.data.weak import (
     DeterministicBatchSampler,
     Vocabulary,
@@ -18,7 +16,10 @@ from predet.data.weak import (
     collate_weak,
 )
 from predet.engine.distributed import cleanup, get_rank, get_world_size
-from predet.engine.trainer import TrainResult, train
+from predet.engine.optim import check_solver
+from predet.engine.runfolder import run_folder
+from predet.engine.trainer import TrainResult, check_train_config, resolve_device, train
+from predet.models.backbone import BACKBONES
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
 from predet.runlog import run_log
@@ -68,12 +69,28 @@ def collate_images(samples: list[dict]) -> dict:
 
 
 def read_vocab(path: str) -> Vocabulary | None:
-    return Vocabulary.from_list(json.loads(Path(path).read_text())) if path else None
+    return Vocabulary.load_json(path) if path else None
+
+
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Everything that can be refused before data is read or a file is written."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give a labels.jsonl, a shard pattern or a shard folder")
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown; choose one of "
+                          f"{', '.join(BACKBONES)}")
+    if not any((cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi)):
+        raise ConfigError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
+    check_solver(cfg.solver)
+    check_train_config(cfg.train)
+    resolve_device(cfg.train.device)
 
 
 def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: int, world: int):
     """A loader that resumes exactly: batch ``i`` depends only on (seed, i)."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
+        if hasattr(dataset, "resumed_at"):
+            dataset = dataset.resumed_at(start_iter, cfg.train.batch_size)
         return DataLoader(
             dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
             collate_fn=collate_two_view, persistent_workers=False,
@@ -94,20 +111,20 @@ def build_pretrain_model(cfg: PretrainConfig, num_classes: int) -> PreDet:
 
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
-    """Pre-train a PreDet model; returns where the run ended and its checkpoint. The run's
-    log also goes to ``log.txt`` in its folder."""
-    with run_log(cfg.train.run_dir):
-        return _pretrain(cfg)
+    """Pre-train a PreDet model; returns where the run ended and its checkpoint. The run holds
+    its folder (a lock) and logs to ``log.txt`` in it."""
+    check_pretrain_config(cfg)
+    try:
+        with run_folder(cfg.train.run_dir, "pre-training"), run_log(cfg.train.run_dir):
+            return _pretrain(cfg)
+    finally:
+        cleanup()
 
 
 def _pretrain(cfg: PretrainConfig) -> TrainResult:
-    if not cfg.data.train:
-        raise ValueError("data.train is empty: give a labels.jsonl, shard pattern or shard folder")
     transform = TwoViewTransform(cfg.data.views)
     vocab = read_vocab(cfg.data.vocab)
     dataset, vocab = build_weak_dataset(cfg.data.train, vocab, transform, cfg.train.seed, repeat=True)
-    if not any((cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi)):
-        raise ValueError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
     train_cfg = cfg.train
     if 0 in (cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi):
         train_cfg = dataclasses.replace(train_cfg, find_unused_parameters=True)
@@ -123,14 +140,14 @@ def _pretrain(cfg: PretrainConfig) -> TrainResult:
         hooks.append(PretextDiagnosticsHook(pairs, collate_two_view, cfg.train.eval_period, images=images,
                                             collate_images=collate_images))
 
+    if hasattr(dataset, "check_split"):
+        dataset.check_split(get_world_size(), cfg.train.num_workers)
+
     def make_loader(start_iter: int):
         return iter(build_pretrain_loader(dataset, cfg, start_iter, get_rank(), get_world_size()))
 
-    try:
-        return train(
-            model, make_loader, cfg.solver, train_cfg,
-            extra_state={"vocab": vocab.to_list(), "kind": "predet_pretrain"},
-            hooks=hooks, config_dict=to_dict(cfg),
-        )
-    finally:
-        cleanup()
+    return train(
+        model, make_loader, cfg.solver, train_cfg,
+        extra_state={"vocab": vocab.to_list(), "kind": "predet_pretrain"},
+        hooks=hooks, config_dict=to_dict(cfg),
+    )

@@ -4,7 +4,10 @@ Every grid point and seed is one ``predet finetune`` run in its own directory,
 ``OUT/<run name>/seed<k>``, launched as a separate process so that a crash or an OOM in one
 run cannot take the sweep down. The sweep is resumable: a run with ``results.json`` is
 finished and skipped, a run with a checkpoint but no results continues from it
-(``train.resume=true``), a failed run is recorded and retried on the next call. The best
+(``train.resume=true``), a failed run is recorded. A run that failed on its own inputs (exit 2:
+a user error, the same every time) is not retried unless asked (``retry_failed``); one that
+was killed or crashed is retried on the next call. A sweep folder is held by one live sweep
+(``.lock``), and a run's process dies with the sweep that launched it. The best
 setting is chosen on the validation split only (mean over seeds); test numbers are reported,
 never used to choose.
 
@@ -43,6 +46,8 @@ SWEEP_OWNED_KEYS = ("train.run_dir", "train.seed", "train.resume")
 SCRATCH_INITS = ("", "scratch", "random")
 LAUNCHERS = ("local", "torchrun", "submitit")
 ERROR_TAIL_LINES = 20
+FAILED_FILE = "failed.json"  # in a run folder: the run failed deterministically (exit 2)
+USER_ERROR_EXIT = 2
 
 
 # --------------------------------------------------------------------------- grid
@@ -268,6 +273,15 @@ def _tail(text: str, lines: int = ERROR_TAIL_LINES) -> str:
     return "\n".join([line for line in kept if line.strip()][-lines:])
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the sweep dies, even by SIGKILL (Linux)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def run_command(cmd: list[str], log_path: str | Path, env: dict | None = None) -> dict:
     """Run one process with stdout+stderr appended to ``log_path``; never raises for its failure.
 
@@ -282,7 +296,8 @@ def run_command(cmd: list[str], log_path: str | Path, env: dict | None = None) -
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
         try:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         except OSError as exc:  # the executable itself is missing
             log.write(f"{exc}\n".encode())
             code = 127
@@ -442,6 +457,9 @@ def _finish_row(row: dict, outcome: dict) -> dict:
     else:
         error = outcome.get("error") or "the run exited without writing results.json"
         row.update(status="failed", error=error)
+        if outcome.get("returncode") == USER_ERROR_EXIT:
+            _atomic_text(Path(row["run_dir"]) / FAILED_FILE,
+                         json.dumps({"returncode": USER_ERROR_EXIT, "error": error}) + "\n")
     return row
 
 
@@ -454,6 +472,10 @@ def _progress_line(i: int, total: int, row: dict, metric: str) -> str:
         note = (f" — WARNING: its saved config differs from this sweep's ({'; '.join(drift[:3])}"
                 f"{'; ...' if len(drift) > 3 else ''}); delete the folder to redo it") if drift else ""
         return head + "finished earlier, skipped" + score + note
+    if row["status"] == "failed" and row.get("skipped"):
+        last = (row.get("error") or "").strip().splitlines()
+        return (head + f"failed earlier (exit {row.get('returncode')}), not retried"
+                + (f": {last[-1]}" if last else "") + " — fix it, then run again with --retry-failed")
     if row["status"] == "done":
         resumed = f" (resumed from iteration {row['resumed_from']})" if row.get("resumed_from") is not None else ""
         return head + "done" + resumed + score + f" ({row['seconds']:.0f} s)"
@@ -505,14 +527,25 @@ def config_drift(run: dict, config, overrides: list[str]) -> list[str]:
         return []
 
 
-def _initial_row(run: dict, config, overrides: list[str]) -> dict:
-    """A planned run as found on disk: finished (skipped), interrupted (to resume) or new."""
+def _initial_row(run: dict, config, overrides: list[str], retry_failed: bool = False) -> dict:
+    """A planned run as found on disk: finished (skipped), failed on its inputs (skipped
+    unless ``retry_failed``), interrupted (to resume) or new."""
     row = {**run, "status": "pending", "skipped": False, "resumed_from": None, "seconds": None,
            "returncode": None, "error": "", "val": {}, "test": {}, "drift": []}
     results = _read_results(Path(run["run_dir"]))
+    failed = Path(run["run_dir"]) / FAILED_FILE
+    if results is None and failed.is_file() and retry_failed:
+        failed.unlink()
     if results is not None:
         row.update(status="done", skipped=True, val=results.get("val", {}), test=results.get("test", {}),
                    drift=config_drift(run, config, overrides))
+    elif failed.is_file():
+        try:
+            record = json.loads(failed.read_text())
+        except ValueError:
+            record = {}
+        row.update(status="failed", skipped=True, returncode=record.get("returncode", USER_ERROR_EXIT),
+                   error=str(record.get("error", "")))
     else:
         row["resumed_from"] = _checkpoint_iteration(Path(run["run_dir"]))
     return row
@@ -555,8 +588,13 @@ def _closing_lines(summary: dict, metric: str) -> list[str]:
         lines.append(f"best on val ({metric}, mean over {best['val'][metric]['n']} seed(s)): {best['name']} "
                      f"{100 * best['mean']:.1f}{spread}")
     failed = sum(r["status"] == "failed" for r in rows)
-    if failed:
-        lines.append(f"{failed} of {len(rows)} run(s) failed; run the same command again to retry them")
+    deterministic = sum(r["status"] == "failed" and r.get("returncode") == USER_ERROR_EXIT for r in rows)
+    if failed > deterministic:
+        lines.append(f"{failed - deterministic} of {len(rows)} run(s) crashed or were killed; run the "
+                     "same command again to retry them")
+    if deterministic:
+        lines.append(f"{deterministic} of {len(rows)} run(s) failed on their inputs (exit 2, see each "
+                     "log.txt); they are not retried: fix them, then add --retry-failed")
     out = Path(summary["out_dir"])
     lines.append(f"summary: {out / 'summary.json'}, {out / 'summary.csv'}")
     return lines
@@ -564,7 +602,8 @@ def _closing_lines(summary: dict, metric: str) -> list[str]:
 
 def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "bbox/AP",
           out_dir: str | Path = "runs/sweep", overrides: Iterable[str] = (), launcher: str = "local",
-          nproc: int = 1, echo: Callable[[str], None] | None = print, **launcher_opts) -> dict:
+          nproc: int = 1, echo: Callable[[str], None] | None = print, retry_failed: bool = False,
+          **launcher_opts) -> dict:
     """Fine-tune and evaluate every grid point × seed; returns (and writes) the summary.
 
     ``launcher``: ``local`` (one process per run; ``jobs`` runs side by side, each limited to
@@ -572,7 +611,8 @@ def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "
     (``nproc`` processes per run) or ``submitit`` (every pending run a SLURM job; options
     ``slurm_partition``, ``slurm_time`` in minutes, ``gpus_per_node``). Runs already finished
     are skipped; interrupted ones resume from their checkpoint; failures are recorded in the
-    summary (rewritten after every run) and do not stop the other runs.
+    summary (rewritten after every run) and do not stop the other runs; a run that failed
+    on its inputs (exit 2) is not relaunched by a later call unless ``retry_failed``.
     """
     if launcher not in LAUNCHERS:
         raise ConfigError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
@@ -580,9 +620,18 @@ def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "
     overrides = list(overrides)
     grid = check_inputs(config, grid, overrides)
     out_dir = Path(out_dir)
+    from predet.engine.runfolder import run_folder  # (imports torch: not at module level)
+
+    with run_folder(out_dir, "sweep"):
+        return _sweep(config, grid, seeds, metric, out_dir, overrides, launcher, nproc, echo,
+                      retry_failed, launcher_opts)
+
+
+def _sweep(config, grid, seeds, metric, out_dir: Path, overrides, launcher, nproc, echo,
+           retry_failed, launcher_opts) -> dict:
     info = {"config": str(config) if config else None, "overrides": overrides, "grid": grid,
             "seeds": int(seeds), "launcher": launcher, "out_dir": str(out_dir)}
-    rows = [_initial_row(run, config, overrides) for run in plan_runs(grid, seeds, out_dir)]
+    rows = [_initial_row(run, config, overrides, retry_failed) for run in plan_runs(grid, seeds, out_dir)]
     position = {id(r): i + 1 for i, r in enumerate(rows)}
     write_summary(out_dir, info, rows, metric)
     for row in rows:

@@ -20,7 +20,9 @@ sees exactly the samples and augmentations it would have seen without the interr
 
 from __future__ import annotations
 
+import copy
 import glob
+import shutil
 import hashlib
 import io
 import itertools
@@ -39,6 +41,8 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 from torchvision.transforms.functional import pil_to_tensor
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
+
+from predet.errors import InputNotFound, OutputExists, UserError, disk_full, is_disk_full
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -64,7 +68,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "t
 Transform = Callable[[Image.Image, int], dict]
 
 
-class LabelFileError(ValueError):
+class LabelFileError(UserError):
     """A labels file (or shard sample) whose content does not fit the expected format."""
 
 
@@ -129,9 +133,12 @@ class Vocabulary:
     @classmethod
     def load_json(cls, path: str | Path) -> "Vocabulary":
         """Read a ``vocab.json`` (a JSON list of names)."""
+        if not Path(path).is_file():
+            raise InputNotFound(f"vocabulary file not found: {path} (data.vocab: a JSON list of "
+                                "class names, or empty to build it from the labels)")
         try:
-            names = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
+            names = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LabelFileError(f"{path}: invalid JSON: {exc}") from None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise LabelFileError(f"{path}: expected a JSON list of class names")
@@ -246,11 +253,16 @@ def read_labels_jsonl(path: str | Path, image_root: str | Path | None = None) ->
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"labels file not found: {path}")
+        raise InputNotFound(f"labels file not found: {path}")
     root = Path(image_root) if image_root is not None else path.parent
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _error(path, line, f"not UTF-8 text (byte {exc.start + 1} of the line); "
+                             "re-encode the file as UTF-8") from None
             if text.strip():
                 records.append(_parse_line(text, path, line, root))
     if not records:
@@ -286,6 +298,8 @@ def _open_rgb(source: str | io.BytesIO) -> Image.Image:
 def _try_open(source: str | io.BytesIO) -> tuple[Image.Image | None, str]:
     try:
         return _open_rgb(source), ""
+    except FileNotFoundError:
+        return None, "not found"
     except Exception as exc:  # PIL raises many types for bad data; all mean "unusable"
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -407,10 +421,17 @@ class WeakShardDataset(IterableDataset):
 
     Shards are shuffled per pass with a seed shared by all ranks, then split by DDP rank
     (``RANK``/``WORLD_SIZE`` or ``torch.distributed``) and DataLoader worker using
-    webdataset's splitters; samples go through a seeded shuffle buffer. Each sample's seed
-    is ``derive_seed(seed, rank, worker, n)`` with ``n`` the running sample index of that
-    stream, so a fixed setup reproduces its augmentations. ``repeat=True`` loops forever
-    (fresh shard order each pass), for iteration-based training.
+    webdataset's splitting rule (``urls[rank::world][stream::workers]``); samples go through
+    a seeded shuffle buffer. Each sample's seed is ``derive_seed(seed, rank, stream, n)``
+    with ``n`` the running sample index of that stream, so a fixed setup reproduces its
+    augmentations. ``repeat=True`` loops forever (fresh shard order each pass), for
+    iteration-based training.
+
+    Exact resume (:meth:`resumed_at`): a DataLoader hands out batch ``j`` from worker
+    ``j % workers``, each worker batching its own stream. Resuming at iteration ``k``, worker
+    ``w`` therefore plays stream ``(w + k) % workers`` and first reads past (without decoding)
+    the batches that stream gave before ``k``; the shuffle buffer and sample seeds then
+    continue exactly where the uninterrupted run was.
     """
 
     def __init__(
@@ -430,30 +451,54 @@ class WeakShardDataset(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.repeat = repeat
+        self.start_iter = 0
+        self.batch_size = 1
 
-    def _raw_samples(self, epoch: int, rank: int, worker: int) -> Iterator[dict]:
+    def resumed_at(self, start_iter: int, batch_size: int) -> "WeakShardDataset":
+        """A copy whose DataLoader's first batch is batch ``start_iter`` of the full run."""
+        other = copy.copy(self)
+        other.start_iter, other.batch_size = int(start_iter), int(batch_size)
+        return other
+
+    def _raw_samples(self, epoch: int, rank: int, world_size: int, stream: int,
+                     streams: int) -> Iterator[dict]:
         urls = list(self.urls)
         random.Random(derive_seed("shards", self.seed, epoch)).shuffle(urls)
-        shards = [{"url": u} for u in wds.split_by_worker(wds.split_by_node(urls))]
+        shards = [{"url": u} for u in urls[rank::world_size][stream::streams]]
         samples = wds.tarfile_samples(iter(shards), handler=wds.reraise_exception)
         if self.shuffle > 1:
-            rng = random.Random(derive_seed("samples", self.seed, epoch, rank, worker))
+            rng = random.Random(derive_seed("samples", self.seed, epoch, rank, stream))
             samples = wds.shuffle(self.shuffle, rng=rng)(samples)
         return samples
 
-    def __iter__(self) -> Iterator[dict]:
-        rank, world_size, worker, _ = pytorch_worker_info()
+    def check_split(self, world_size: int, workers: int) -> None:
+        """Every rank (and, for training, every loader worker) needs a shard of its own."""
         if len(self.urls) < world_size:
-            raise ValueError(
+            raise UserError(
                 f"{len(self.urls)} shard(s) cannot be split over {world_size} ranks: "
                 "write at least one shard per rank (smaller shard_size)"
             )
+        if self.repeat and len(self.urls) < world_size * max(workers, 1):
+            # A worker without shards drops out of the DataLoader's rotation, which would
+            # make batch order (and so resume) depend on timing.
+            raise UserError(
+                f"{len(self.urls)} shard(s) cannot feed {world_size} rank(s) x {workers} loader "
+                "worker(s): write at least one shard per worker (smaller shard_size) or lower "
+                "train.num_workers"
+            )
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world_size, worker, workers = pytorch_worker_info()
+        self.check_split(world_size, workers)
+        stream = (worker + self.start_iter) % workers
+        skip = len(range(stream, self.start_iter, workers)) * self.batch_size
         n = 0
         for epoch in itertools.count():
             start = n
-            for raw in self._raw_samples(epoch, rank, worker):
-                seed = derive_seed("sample", self.seed, rank, worker, n)
-                yield _decode_shard_sample(raw, self.vocab, self.transform, seed)
+            for raw in self._raw_samples(epoch, rank, world_size, stream, workers):
+                if n >= skip:
+                    seed = derive_seed("sample", self.seed, rank, stream, n)
+                    yield _decode_shard_sample(raw, self.vocab, self.transform, seed)
                 n += 1
             if not self.repeat or n == start:  # n == start: this worker has no data at all
                 return
@@ -484,14 +529,14 @@ def expand_shards(source: str | Path | Sequence[str | Path]) -> list[str]:
     if _is_local(source) and os.path.isdir(source):
         urls = sorted(glob.glob(os.path.join(source, "*.tar")))
         if not urls:
-            raise FileNotFoundError(f"no .tar shards in directory {source}")
+            raise InputNotFound(f"no .tar shards in directory {source}")
         return urls
     if "{" in source or "::" in source:
         return list(expand_urls(source))
     if _is_local(source) and any(c in source for c in "*?["):
         urls = sorted(glob.glob(source))
         if not urls:
-            raise FileNotFoundError(f"no shards match {source}")
+            raise InputNotFound(f"no shards match {source}")
         return urls
     return [source]
 
@@ -501,7 +546,8 @@ def _check_shards_exist(urls: Sequence[str]) -> None:
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         shown = ", ".join(missing[:3])
-        raise FileNotFoundError(f"{len(missing)} shard(s) not found: {shown}{more}")
+        raise InputNotFound(f"{len(missing)} shard(s) not found: {shown}{more} (data.train: a "
+                            "labels.jsonl, a shard pattern or a folder of .tar shards)")
 
 
 def _shard_vocab(urls: Sequence[str], vocab: Vocabulary | None) -> Vocabulary:
@@ -511,7 +557,7 @@ def _shard_vocab(urls: Sequence[str], vocab: Vocabulary | None) -> Vocabulary:
     candidate = os.path.join(os.path.dirname(first), "vocab.json") if _is_local(first) else None
     if candidate and os.path.isfile(candidate):
         return Vocabulary.load_json(candidate)
-    raise ValueError(
+    raise LabelFileError(
         f"shards {first!r}...: no vocabulary. Shards carry label names, so the class list must "
         "be fixed up front: put a vocab.json (JSON list of names) next to the shards "
         "(write_webdataset_shards does) or pass vocab="
@@ -565,10 +611,45 @@ def write_webdataset_shards(
     else:
         _check_labels(records, vocab, labels_file)
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and (any(out_dir.glob("*.tar")) or (out_dir / "vocab.json").exists()):
+        raise OutputExists(f"{out_dir} already holds shards; give a new or empty --out folder "
+                           "(or delete the old shards first)")
+    if shard_size <= 0:
+        raise UserError(f"shard_size={shard_size}: must be a positive number of images")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.glob("*.tar")):
-        raise FileExistsError(f"{out_dir} already holds .tar shards; write into an empty directory")
     written: list[str] = []
+    try:
+        missing = _write_shards(records, root, out_dir, shard_size, written)
+        if written:
+            vocab.save_json(out_dir / "vocab.json")
+    except BaseException as exc:
+        # No partial output: a half-written set of shards would read as a smaller data set.
+        current = sorted(out_dir.glob("shard-*.tar"))
+        failing = getattr(exc, "filename", None) or (current[-1] if current else out_dir)
+        for path in [*written, *map(str, out_dir.glob("shard-*.tar")), str(out_dir / "vocab.json")]:
+            Path(path).unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full(failing) from exc
+        raise
+    if missing:
+        warnings.warn(
+            f"write_webdataset_shards: {len(missing)} image(s) not found and left out, "
+            f"e.g. {missing[:3]}",
+            stacklevel=2,
+        )
+    if not written:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise InputNotFound(f"{labels_file}: none of the listed images exist; nothing written")
+    return written
+
+
+def _write_shards(records: list[WeakRecord], root: Path, out_dir: Path, shard_size: int,
+                  written: list[str]) -> list[str]:
+    """Write the shards (their paths appended to ``written``); returns the missing images."""
     missing: list[str] = []
     pattern = str(out_dir / "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=written.append) as sink:
@@ -585,16 +666,7 @@ def write_webdataset_shards(
                 ext if ext in IMAGE_EXTENSIONS else "img": data,
                 "json": json.dumps(meta).encode(),
             })
-    if missing:
-        warnings.warn(
-            f"write_webdataset_shards: {len(missing)} image(s) not found and left out, "
-            f"e.g. {missing[:3]}",
-            stacklevel=2,
-        )
-    if not written:
-        raise FileNotFoundError(f"{labels_file}: none of the listed images exist; nothing written")
-    vocab.save_json(out_dir / "vocab.json")
-    return written
+    return missing
 
 
 # --------------------------------------------------------------------------------------
@@ -635,7 +707,7 @@ class SkipCounter:
     def summary(self, max_items: int = 5) -> str:
         if not self.count:
             return "skipped 0 images"
-        lines = [f"skipped {self.count} image(s) that could not be decoded:"]
+        lines = [f"skipped {self.count} image(s) that could not be read (missing or not decodable):"]
         lines += [f"  {path}: {reason}" for path, reason in self.examples[:max_items]]
         if self.count > max_items:
             lines.append(f"  ... and {self.count - max_items} more")

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from predet.data.weak import DeterministicBatchSampler, derive_seed
+from predet.errors import InputNotFound, UserError
 
 __all__ = [
     "AnnotationError",
@@ -55,8 +56,16 @@ __all__ = [
 LVIS_FREQUENCIES = ("r", "c", "f")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError):
     """An annotation file (or an image it names) that does not fit the COCO/LVIS format."""
+
+
+class UnreadableImage(Exception):
+    """An image file that is missing or cannot be decoded (internal: becomes a skip)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 # --------------------------------------------------------------------------------------
@@ -90,7 +99,7 @@ def _record_error(path, section: str, index: int, record: Any, field: str | None
 def _read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise InputNotFound(f"annotation file not found: {path}")
     try:
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
@@ -153,18 +162,52 @@ def _check_category(path, i: int, cat: dict, lvis: bool) -> None:
         raise _record_error(path, "categories", i, cat, "image_count", f"expected an integer, got {_brief(cat['image_count'])}")
 
 
+def _compressed_rle_counts(text: str) -> list[int] | None:
+    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None
+    when the string is not one: a character outside '0'..'o' or a number cut short."""
+    counts: list[int] = []
+    p = 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                return None
+            c = ord(text[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
 def _segmentation_problem(segm: Any, img: dict) -> str | None:
     """Why ``segm`` is not polygons / uncompressed RLE / compressed RLE for ``img`` (None if it is)."""
     if isinstance(segm, list):
         for part in segm:
             if not isinstance(part, list) or len(part) % 2:
                 return "expected a list of polygons (flat lists [x1, y1, x2, y2, ...] of even length)"
+            bad = [v for v in part if not _is_number(v) or not math.isfinite(v)]
+            if bad:
+                return f"polygon coordinates must be finite numbers, got {_brief(bad[0])}"
         return None
     if isinstance(segm, dict):
         size, counts = segm.get("size"), segm.get("counts")
         if size != [img["height"], img["width"]]:
             return f'RLE "size" {_brief(size)} does not match the image [height, width] [{img["height"]}, {img["width"]}]'
         if isinstance(counts, str):
+            runs = _compressed_rle_counts(counts)
+            if runs is None or any(r < 0 for r in runs):
+                return f'compressed RLE "counts" is not a valid COCO RLE string: {_brief(counts)}'
+            if sum(runs) != img["height"] * img["width"]:
+                return (f'compressed RLE "counts" covers {sum(runs)} pixels, not height * width = '
+                        f'{img["height"] * img["width"]}')
             return None
         if isinstance(counts, list) and all(_is_int(c) for c in counts):
             if sum(counts) != img["height"] * img["width"]:
@@ -210,6 +253,10 @@ def _check_lvis_image_categories(path, i: int, img: dict, cats: set) -> None:
 
 
 def _validate(data: dict, path, lvis: bool) -> dict:
+    for key in ("images", "categories"):
+        if not data[key]:
+            raise AnnotationError(f'{path}: field "{key}": empty; a data set needs at least one '
+                                  f"of its {key} (is this the right file?)")
     _check_ids(path, "images", data["images"])
     for i, img in enumerate(data["images"]):
         _check_image(path, i, img, lvis)
@@ -479,9 +526,14 @@ class CocoDetection(Dataset):
 
     def _read_image(self, image_id: int) -> Image.Image:
         record = self._images[image_id]
-        with Image.open(self._paths[image_id]) as im:
-            im.load()
-            image = im.convert("RGB")
+        try:
+            with Image.open(self._paths[image_id]) as im:
+                im.load()
+                image = im.convert("RGB")
+        except FileNotFoundError:
+            raise UnreadableImage(self._paths[image_id], "not found") from None
+        except Exception as exc:  # PIL raises many types for bad data; all mean "unusable"
+            raise UnreadableImage(self._paths[image_id], f"{type(exc).__name__}: {exc}") from None
         if image.size != (record["width"], record["height"]):
             raise _record_error(
                 self.ann_file, "images", self._image_pos[image_id], record, "width",
@@ -499,11 +551,21 @@ class CocoDetection(Dataset):
         ]
         return torch.from_numpy(np.stack(planes).astype(np.uint8, copy=False))
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, dict]:
+        """(image, target). A training image that cannot be read comes back as
+        ``(None, {"skipped": path, "reason": ...})`` to be counted, not to end the run; in an
+        evaluation set it is an error (its metrics would silently change)."""
         index, seed = _split_key(key)
         image_id = self.image_ids[index]
         width, height = self._images[image_id]["width"], self._images[image_id]["height"]
-        image = pil_to_tensor(self._read_image(image_id)).float().div_(255.0)
+        try:
+            image = pil_to_tensor(self._read_image(image_id)).float().div_(255.0)
+        except UnreadableImage as exc:
+            if not self.train:
+                raise _record_error(self.ann_file, "images", self._image_pos[image_id],
+                                    self._images[image_id], self._file_field(self._images[image_id])[0],
+                                    f"cannot read {exc.path}: {exc.reason}") from None
+            return None, {"skipped": str(exc.path), "reason": exc.reason}
         t = self._targets[index]
         target = {
             "boxes": torch.from_numpy(t.boxes.copy()),
@@ -584,12 +646,15 @@ def build_detection_dataset(
     return classes[kind](ann_file, image_root, train=train, flip_p=flip_p, masks=masks)
 
 
-def collate_detection(samples: Sequence[tuple[torch.Tensor, dict]]) -> dict:
-    """Images differ in size, so they stay a list (the detector's transform batches them)."""
+def collate_detection(samples: Sequence[tuple[torch.Tensor | None, dict]]) -> dict:
+    """Images differ in size, so they stay a list (the detector's transform batches them).
+    Unreadable images travel as ``skipped`` (path, reason) pairs for the trainer to count."""
+    kept = [(image, target) for image, target in samples if image is not None]
     return {
-        "images": [image for image, _ in samples],
-        "targets": [target for _, target in samples],
-        "num_images": len(samples),
+        "images": [image for image, _ in kept],
+        "targets": [target for _, target in kept],
+        "num_images": len(kept),
+        "skipped": [(t["skipped"], t["reason"]) for image, t in samples if image is None],
     }
 
 
@@ -710,8 +775,9 @@ def write_subset(ann_file: str | Path, num_images: int, seed: int, out_path: str
     ids = sorted(img["id"] for img in data["images"])
     num_images = int(num_images)
     if not 0 < num_images <= len(ids):
-        raise ValueError(
-            f"{ann_file}: cannot take a subset of {num_images} images: the file has {len(ids)} images"
+        raise UserError(
+            f"data.subset={num_images}: {ann_file} has {len(ids)} images; give a subset between 1 "
+            f"and {len(ids)} (or 0 for all)"
         )
     order = np.random.default_rng(derive_seed("subset", int(seed))).permutation(len(ids))
     chosen = {ids[i] for i in order[:num_images]}

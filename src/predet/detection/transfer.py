@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from predet.config import ConfigError
-from predet.engine.checkpoint import load_checkpoint
+from predet.engine.checkpoint import RefusedCheckpoint, load_checkpoint
 from predet.engine.distributed import unwrap_model
+from predet.errors import CheckpointError, InputNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if (module, name) not in _NUMPY_GLOBALS:
-            raise pickle.UnpicklingError(
+            raise RefusedCheckpoint(
                 f"refusing to load {self.path}: it references the global {module}.{name}; only NumPy "
                 "arrays and dicts are allowed in a weight file (nothing in it was executed)"
             )
@@ -258,7 +259,7 @@ def _as_tensor(value):
 def _flat_state_dict(obj, path) -> tuple[dict[str, torch.Tensor], str | None]:
     """(tensors by name, checkpoint kind) from the usual wrappers: model / state_dict / blobs."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     kind = None
     extra = obj.get("extra_state")
     if isinstance(extra, dict):
@@ -592,7 +593,7 @@ def load_init_weights(detector: nn.Module, init: str, arch: str, stride_in_1x1: 
         return report
     path = Path(init)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"init weights {init!r} not found; use 'scratch', 'random' or the path of a weight file"
         )
     obj = read_weight_file(path)
@@ -600,7 +601,7 @@ def load_init_weights(detector: nn.Module, init: str, arch: str, stride_in_1x1: 
     fmt = _detect_format(state, kind)
     if fmt == "unknown":
         sample = ", ".join(list(state)[:5]) or "no tensors"
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: unrecognised weight layout (first keys: {sample}); expected a PreDet checkpoint, "
             "a torchvision detector/ResNet/RegNet state dict or Detectron2 weights"
         )
@@ -616,5 +617,5 @@ def load_init_weights(detector: nn.Module, init: str, arch: str, stride_in_1x1: 
     logger.info(report.table())
     if not report.loaded:
         reasons = "; ".join(f"{n}: {r}" for n, r in report.skipped[:5])
-        raise ValueError(f"no weights from {path} matched the {arch} detector ({reasons})")
+        raise CheckpointError(f"no weights from {path} matched the {arch} detector ({reasons})")
     return report

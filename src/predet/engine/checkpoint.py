@@ -18,9 +18,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..errors import CheckpointError, InputNotFound, disk_full, is_disk_full
 from .distributed import is_main_process, unwrap_model
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
+CHECKPOINT_GLOB = "checkpoint_*.pth"
+
+
+class RefusedCheckpoint(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint that holds pickled objects other than tensors and plain containers."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -48,7 +54,8 @@ def umask_mode(mode: int = 0o666) -> int:
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path``, then atomically rename it.
 
-    On any failure the temp file is removed and ``path`` keeps its previous content.
+    On any failure the temp file is removed and ``path`` keeps its previous content; a full
+    disk is reported as :class:`~predet.errors.DiskFull` naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,11 +67,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if is_disk_full(exc):
+            raise disk_full(path) from exc
         raise
     _fsync_dir(path.parent)
     return path
@@ -78,14 +87,30 @@ def save_checkpoint(path: str | Path, state: dict) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; a file carrying code raises UnpicklingError."""
+    """Load a checkpoint with ``weights_only=True``.
+
+    A missing file raises :class:`InputNotFound`, a truncated or damaged one
+    :class:`CheckpointError`, one carrying code :class:`RefusedCheckpoint` (also an
+    ``UnpicklingError``); all three are one-line user errors.
+    """
+    if not Path(path).is_file():
+        raise InputNotFound(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError(
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RefusedCheckpoint(
             f"refusing to load {path}: it holds objects other than tensors and plain containers "
-            f"(loaded with weights_only=True, nothing in it was executed). Details: {exc}"
+            f"(loaded with weights_only=True, nothing in it was executed; {detail[:200]}); "
+            "re-save it as a plain dict of tensors"
         ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({first[:160]})"
+                              ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a predet checkpoint (holds a {type(obj).__name__})")
+    return obj
 
 
 def write_last_checkpoint(checkpoint_path: str | Path) -> None:
@@ -97,19 +122,47 @@ def write_last_checkpoint(checkpoint_path: str | Path) -> None:
                  lambda f: f.write(checkpoint_path.name + "\n"), mode="w")
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint named in ``last_checkpoint`` under ``run_dir/checkpoints`` (or ``run_dir``).
+def _iteration_of(path: Path) -> int:
+    try:
+        return int(path.stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
-    Returns None when there is no record or the recorded file is gone.
-    """
+
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """Checkpoints to resume from, best first: the one ``last_checkpoint`` names (if it
+    exists), then every ``checkpoint_*.pth`` newest first. Whether each loads is the
+    caller's to try: a damaged newest file must not hide an older good one."""
     run_dir = Path(run_dir)
+    out: list[Path] = []
     for directory in (run_dir / "checkpoints", run_dir):
         marker = directory / LAST_CHECKPOINT_FILE
         if marker.is_file():
-            name = marker.read_text().strip()
-            candidate = directory / name
-            return candidate if name and candidate.is_file() else None
-    return None
+            name = marker.read_text(errors="replace").strip()
+            if name and (directory / name).is_file():
+                out.append(directory / name)
+        found = sorted(directory.glob(CHECKPOINT_GLOB), key=_iteration_of, reverse=True) \
+            if directory.is_dir() else []
+        out += [p for p in found if p not in out]
+    return out
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint file of ``run_dir`` (``last_checkpoint``'s, else the highest
+    iteration present); None when the folder holds none. Does not check that it loads."""
+    candidates = checkpoint_candidates(run_dir)
+    return candidates[0] if candidates else None
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files a crash left mid-write (main process only)."""
+    directory = Path(directory)
+    if not is_main_process() or not directory.is_dir():
+        return []
+    stale = sorted(directory.glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def capture_rng_state() -> dict:

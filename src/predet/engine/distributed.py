@@ -104,6 +104,15 @@ def all_reduce_any(flag: bool) -> bool:
     return bool(t.item())
 
 
+def all_reduce_sum_ints(values: list[int]) -> list[int]:
+    """Element-wise sum over ranks of a short list of ints (one collective)."""
+    if not is_distributed():
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [int(v) for v in t.cpu().tolist()]
+
+
 def all_gather_object(obj) -> list:
     """Every rank's ``obj`` in rank order (a one-item list in a single process)."""
     if not is_distributed():

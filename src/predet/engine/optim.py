@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..config import SolverConfig
+from ..config import ConfigError, SolverConfig
 
 SCHEDULES = ("step", "cosine")
 
@@ -29,11 +29,14 @@ NORM_TYPES: tuple[type, ...] = (
 def check_solver(solver: SolverConfig) -> None:
     """Reject schedules that would silently do something else than asked."""
     if solver.schedule not in SCHEDULES:
-        raise ValueError(f"solver.schedule must be one of {SCHEDULES}, got {solver.schedule!r}")
+        raise ConfigError(f"solver.schedule must be one of {SCHEDULES}, got {solver.schedule!r}")
     if list(solver.milestones) != sorted(solver.milestones):
-        raise ValueError(f"solver.milestones must be increasing, got {solver.milestones}")
-    if solver.warmup_iters < 0 or solver.max_iters < 0:
-        raise ValueError("solver.warmup_iters and solver.max_iters must be >= 0")
+        raise ConfigError(f"solver.milestones must be increasing, got {solver.milestones}")
+    if solver.max_iters <= 0:
+        raise ConfigError(f"solver.max_iters={solver.max_iters}: a run must take at least one step; "
+                          "set solver.max_iters to a positive number")
+    if solver.warmup_iters < 0:
+        raise ConfigError(f"solver.warmup_iters={solver.warmup_iters}: must be >= 0")
 
 
 def lr_factor(iteration: int, solver: SolverConfig) -> float:

@@ -13,6 +13,7 @@ and the caller's loader is deterministic in the iteration.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -30,20 +31,24 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import SolverConfig, TrainConfig
+from ..config import ConfigError, SolverConfig, TrainConfig
+from ..errors import CheckpointError, DataError, UserError
 from .checkpoint import (
     atomic_write,
     capture_rng_state,
+    checkpoint_candidates,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
     write_last_checkpoint,
 )
 from .distributed import (
     all_gather_object,
-    all_reduce_any,
     all_reduce_mean,
+    all_reduce_sum_ints,
+    barrier,
     init_distributed,
     is_main_process,
     unwrap_model,
@@ -64,11 +69,14 @@ RESUME_IGNORED_KEYS = (
     "train.run_dir",
     "train.log_period",
     "train.checkpoint_period",
+    "train.max_skipped_fraction",
 )
+# The skipped-image fraction is judged once this many images were read (or at the end).
+MIN_READS_TO_JUDGE = 100
 RESUME_GROWABLE_KEYS = ("solver.max_iters",)
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError):
     """The run directory holds a checkpoint of a differently configured run."""
 
 
@@ -123,7 +131,8 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine: "
+                          "use train.device=cpu (or auto)")
     return device
 
 
@@ -258,10 +267,37 @@ def _warn_uncovered(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
                        len(missing), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
 
 
-def _write_skipped(run_dir: Path, skipped: list[list[str]]) -> None:
+def _write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
     if is_main_process():
         atomic_write(run_dir / "skipped.jsonl", lambda f: f.writelines(
-            json.dumps({"path": p, "reason": r}) + "\n" for p, r in skipped), mode="w")
+            json.dumps({"path": p, "reason": r}) + "\n" for p, r in skipped.items()), mode="w")
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Settings that would crash later or silently do nothing, refused before any output."""
+    if cfg.batch_size <= 0:
+        raise ConfigError(f"train.batch_size={cfg.batch_size}: must be a positive number of images")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"train.num_workers={cfg.num_workers}: must be >= 0")
+    if not 0.0 <= cfg.max_skipped_fraction <= 1.0:
+        raise ConfigError(f"train.max_skipped_fraction={cfg.max_skipped_fraction}: must be in [0, 1]")
+
+
+def _skip_examples(skipped: dict[str, str], n: int = 3) -> str:
+    shown = "; ".join(f"{p} ({r[:80]})" for p, r in itertools.islice(skipped.items(), n))
+    return shown + (f"; ... {len(skipped) - n} more" if len(skipped) > n else "")
+
+
+def _check_skipped_fraction(reads: int, failed: int, skipped: dict[str, str], limit: float,
+                            run_dir: Path, final: bool) -> None:
+    """Stop when more than ``limit`` of the image reads failed (judged once enough were read)."""
+    if reads == 0 or (reads < MIN_READS_TO_JUDGE and not final) or failed <= limit * reads:
+        return
+    raise DataError(
+        f"{failed} of {reads} image reads failed ({failed / reads:.0%}, more than "
+        f"train.max_skipped_fraction={limit:g}): {len(skipped)} unreadable image(s), e.g. "
+        f"{_skip_examples(skipped)}. Fix the image paths/files (list in "
+        f"{run_dir / 'skipped.jsonl'}) or raise train.max_skipped_fraction")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -337,14 +373,42 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device,
     return model
 
 
+def _load_newest_loadable(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint of ``run_dir`` that loads; damaged newer ones are named and
+    skipped. None only when the folder holds no checkpoint at all: a run never starts over
+    while one exists."""
+    candidates = checkpoint_candidates(run_dir)
+    if not candidates:
+        return None
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            logger.warning("skipping checkpoint %s: %s", path, exc)
+            problems.append(f"{path.name}: {exc}")
+            continue
+        if "iteration" not in ckpt or "optimizer" not in ckpt:
+            logger.warning("skipping checkpoint %s: not a training checkpoint", path)
+            problems.append(f"{path.name}: not a training checkpoint")
+            continue
+        if problems:
+            logger.warning("resuming from %s (the newer %d checkpoint(s) could not be loaded)",
+                           path.name, len(problems))
+        return path, ckpt
+    raise CheckpointError(
+        f"{run_dir} holds {len(candidates)} checkpoint(s) and none loads ({'; '.join(problems)}); "
+        "refusing to start over on top of them: move them away or use a new train.run_dir")
+
+
 def _load_resume_checkpoint(run_dir: Path, config_dict: dict,
                             extra_state: dict) -> tuple[Path, dict] | None:
-    """The latest checkpoint of ``run_dir`` and its content, after checking it is this run's."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
+    """The newest loadable checkpoint of ``run_dir``, after checking it is this run's."""
+    found = _load_newest_loadable(run_dir)
+    if found is None:
         logger.info("train.resume: no checkpoint in %s, starting from scratch", run_dir)
         return None
-    ckpt = load_checkpoint(path)
+    path, ckpt = found
     diffs = config_differences(ckpt.get("config", {}), config_dict)
     diffs += config_differences({"extra_state": ckpt.get("extra_state", {})},
                                 {"extra_state": extra_state})
@@ -452,6 +516,7 @@ def train(
     """
     hooks = list(hooks)
     check_solver(solver)
+    check_train_config(cfg)
     if solver.amp not in ("none", *AMP_DTYPES):
         raise ValueError(f"solver.amp must be 'none', 'bf16' or 'fp16', got {solver.amp!r}")
     device = resolve_device(cfg.device)
@@ -480,7 +545,11 @@ def train(
     amp_dtype = AMP_DTYPES.get(solver.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
 
-    start_iter, skipped_all, rng_states = 0, [], None
+    start_iter, skipped_all, rng_states = 0, {}, None
+    reads = [0, 0]  # images read, reads that failed (all ranks, since the run began)
+    if main:
+        for stale in remove_stale_temp_files(ckpt_dir):
+            logger.info("removed %s, left by an interrupted checkpoint write", stale)
     if not cfg.resume and main and latest_checkpoint(run_dir) is not None:
         logger.warning("%s holds checkpoints of an earlier run; starting over (train.resume=false)",
                        run_dir)
@@ -489,7 +558,8 @@ def train(
         resume_from, ckpt = resumed
         unwrap_model(model).load_state_dict(ckpt["model"])
         start_iter = int(ckpt["iteration"])
-        skipped_all = [list(s) for s in ckpt.get("skipped", [])]
+        skipped_all = {str(p): str(r) for p, r in ckpt.get("skipped", [])}
+        reads = [int(v) for v in ckpt.get("image_reads", [0, 0])]
         if start_iter >= solver.max_iters:
             logger.info("run in %s already finished at iteration %d", run_dir, start_iter)
             final = ckpt_dir / "model_final.pth"
@@ -545,7 +615,8 @@ def train(
         nonlocal pending_skipped
         rng = all_gather_object(capture_rng_state())
         for part in all_gather_object(pending_skipped):
-            skipped_all.extend(part)
+            for p, r in part:
+                skipped_all.setdefault(p, r)
         pending_skipped = []
         summary = _summary(meters, world_size)
         path = ckpt_dir / f"checkpoint_{it:07d}.pth"
@@ -561,12 +632,28 @@ def train(
             "extra_state": extra_state,
             "losses": summary["losses"],
             "metrics": summary["metrics"],
-            "skipped": skipped_all,
+            "skipped": [[p, r] for p, r in skipped_all.items()],
+            "image_reads": list(reads),
         })
         write_last_checkpoint(path)
         _write_skipped(run_dir, skipped_all)
+        barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
         return path
 
+    def check_reads(final: bool) -> None:
+        nonlocal pending_skipped
+        judged = reads[0] >= MIN_READS_TO_JUDGE or final
+        if not judged or reads[1] <= cfg.max_skipped_fraction * reads[0]:
+            return
+        for part in all_gather_object(pending_skipped):  # collective: every rank is here
+            for p, r in part:
+                skipped_all.setdefault(p, r)
+        pending_skipped = []
+        _write_skipped(run_dir, skipped_all)
+        _check_skipped_fraction(reads[0], reads[1], skipped_all, cfg.max_skipped_fraction,
+                                run_dir, final)
+
+    steps = 0
     try:
         while iteration < solver.max_iters:
             t0 = time.perf_counter()
@@ -575,8 +662,13 @@ def train(
             batch, num_images, skipped = _unpack_batch(batch, cfg.batch_size)
             pending_skipped.extend(skipped)
             # DDP needs every rank in every backward: skip the step everywhere or nowhere.
-            empty = all_reduce_any(num_images == 0) if world_size > 1 else num_images == 0
-            if empty:
+            # One collective also sums the image reads, so every rank judges them alike.
+            empties, step_reads, step_failed = all_reduce_sum_ints(
+                [num_images == 0, num_images + len(skipped), len(skipped)])
+            reads[0] += step_reads
+            reads[1] += step_failed
+            check_reads(final=False)
+            if empties:
                 logger.debug("iteration %d: empty batch, no step", iteration + 1)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "scheduler before optimizer"
@@ -590,6 +682,7 @@ def train(
                 meters.iter_time.update(time.perf_counter() - t0)
                 meters.data_time.update(data_time)
                 meters.images.update(num_images)
+                steps += 1
             iteration += 1
             state.iteration = iteration
             bar.update(1)
@@ -609,6 +702,14 @@ def train(
                     _call_hooks(hooks, "after_step", state)
                 model.train()
 
+        check_reads(final=True)
+        if steps == 0 and start_iter == 0:
+            for part in all_gather_object(pending_skipped):
+                for p, r in part:
+                    skipped_all.setdefault(p, r)
+            raise DataError(f"no optimizer step in {iteration} iteration(s): every batch was empty "
+                            f"(all {reads[1]} image reads failed, e.g. {_skip_examples(skipped_all)}"
+                            "); check the data paths")
         last_saved = save(iteration)
         final_model = ckpt_dir / "model_final.pth"
         save_checkpoint(final_model, {"model": unwrap_model(model).state_dict(),
@@ -622,8 +723,9 @@ def train(
             logger.info(_log_line(record, solver.max_iters))
         if skipped_all:
             if main:
-                logger.warning("%d images could not be decoded and were skipped (list in %s)",
-                               len(skipped_all), run_dir / "skipped.jsonl")
+                logger.warning("%d image(s) could not be read and were skipped (%d of %d reads; "
+                               "list in %s)", len(skipped_all), reads[1], reads[0],
+                               run_dir / "skipped.jsonl")
         elif main:
             logger.info("finished at iteration %d; 0 images skipped", iteration)
         _call_hooks(hooks, "after_train", state)

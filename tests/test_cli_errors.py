@@ -1,0 +1,141 @@
+"""One clean error per user mistake (issue 10, item 5): every case through the real CLI.
+
+Each case: exit code 2, one line on stderr naming the cause (and the fix), no traceback, and no
+output folder left behind. A bug still raises (the console script prints its traceback, exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import CPU_FINETUNE_CONFIG, CPU_PRETRAIN_CONFIG, tiny_finetune_overrides, tiny_pretrain_overrides
+from predet.cli import main as cli_main
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def _pretrain(data, run, *extra):
+    return ["pretrain", "--config", str(CPU_PRETRAIN_CONFIG),
+            *tiny_pretrain_overrides(data / "weak", run, 2), *extra]
+
+
+def _finetune(data, run, *extra):
+    return ["finetune", "--config", str(CPU_FINETUNE_CONFIG),
+            *tiny_finetune_overrides(data, run, "scratch"), *extra]
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def _non_utf8_labels(tmp: Path, data: Path) -> Path:
+    good = (data / "weak" / "labels.jsonl").read_bytes().splitlines()[0]
+    return _write(tmp / "latin1" / "labels.jsonl", good + b"\n" + b'{"image": "caf\xe9.png", "labels": ["Bag"]}\n')
+
+
+def _pickled(tmp: Path) -> Path:
+    path = tmp / "evil.pth"
+    torch.save({"model": {}, "x": _Payload()}, path)
+    return path
+
+
+def _no_kind(tmp: Path) -> Path:
+    path = tmp / "weights.pth"
+    torch.save({"model": {"w": torch.ones(2)}}, path)
+    return path
+
+
+def _truncated(tmp: Path) -> Path:
+    path = tmp / "cut.pth"
+    torch.save({"model": {"w": torch.ones(1000)}, "extra_state": {"kind": "predet_finetune"}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+def _shards_out(tmp: Path, data: Path) -> Path:
+    out = tmp / "shards"
+    _write(out / "shard-000000.tar", b"")
+    return out
+
+
+# (name, argv builder(tmp, data, run) -> list, expected fragments, output folder that must not remain)
+CASES = [
+    ("zero iterations", lambda t, d, r: _pretrain(d, r, "solver.max_iters=0"), ["solver.max_iters=0", "positive"]),
+    ("negative iterations", lambda t, d, r: _finetune(d, r, "solver.max_iters=-3"), ["solver.max_iters=-3"]),
+    ("zero batch size", lambda t, d, r: _pretrain(d, r, "train.batch_size=0"), ["train.batch_size=0"]),
+    ("negative batch size", lambda t, d, r: _finetune(d, r, "train.batch_size=-2"), ["train.batch_size=-2"]),
+    ("empty data.train", lambda t, d, r: _pretrain(d, r, "data.train="), ["data.train is empty"]),
+    ("missing data.train", lambda t, d, r: _pretrain(d, r, f"data.train={t}/nope.jsonl"),
+     ["labels file not found", "nope.jsonl"]),
+    ("missing detection json", lambda t, d, r: _finetune(d, r, f"data.train={t}/nope.json"),
+     ["annotation file not found", "nope.json"]),
+    ("missing data.vocab", lambda t, d, r: _pretrain(d, r, f"data.vocab={t}/vocab.json"),
+     ["vocabulary file not found"]),
+    ("bad data.vocab", lambda t, d, r: _pretrain(d, r, f"data.vocab={_write(t / 'v.json', b'{}')}"),
+     ["v.json", "expected a JSON list"]),
+    ("unknown backbone", lambda t, d, r: _pretrain(d, r, "model.backbone=resnet7"),
+     ["model.backbone='resnet7' is unknown", "resnet18"]),
+    ("unknown schedule", lambda t, d, r: _finetune(d, r, "schedule=7x"), ["unknown schedule", "7x"]),
+    ("unknown arch", lambda t, d, r: _finetune(d, r, "model.arch=yolo"), ["model.arch='yolo' is unknown"]),
+    ("missing init", lambda t, d, r: _finetune(d, r, f"init={t}/gone.pth"), ["gone.pth", "not found"]),
+    ("subset larger than data", lambda t, d, r: _finetune(d, r, "data.subset=1000"),
+     ["data.subset=1000", "has 48 images"]),
+    ("non-UTF-8 labels", lambda t, d, r: _pretrain(d, r, f"data.train={_non_utf8_labels(t, d)}", "data.vocab="),
+     ["labels.jsonl:2", "not UTF-8"]),
+    ("refused pickle (eval)", lambda t, d, r: ["eval", "--checkpoint", str(_pickled(t)), "--data", "x.json",
+                                               "--out", str(r)], ["refusing to load", "evil.pth"]),
+    ("missing checkpoint (eval)", lambda t, d, r: ["eval", "--checkpoint", f"{t}/no.pth", "--data", "x.json",
+                                                   "--out", str(r)], ["checkpoint not found", "no.pth"]),
+    ("truncated checkpoint (eval)", lambda t, d, r: ["eval", "--checkpoint", str(_truncated(t)), "--data",
+                                                     "x.json", "--out", str(r)], ["cut.pth", "truncated or damaged"]),
+    ("wrong-kind checkpoint (eval)", lambda t, d, r: ["eval", "--checkpoint", str(_no_kind(t)), "--data", "x.json",
+                                                      "--out", str(r)], ["not a predet finetune checkpoint"]),
+    ("missing checkpoint (export)", lambda t, d, r: ["export", "--checkpoint", f"{t}/no.pth", "--out", str(r)],
+     ["checkpoint not found"]),
+    ("wrong-kind checkpoint (export)", lambda t, d, r: ["export", "--checkpoint", str(_no_kind(t)), "--out", str(r)],
+     ["weights.pth", "not a predet checkpoint"]),
+    ("existing shard folder", lambda t, d, r: ["data", "shards", "--labels", str(d / "weak" / "labels.jsonl"),
+                                               "--out", str(_shards_out(t, d))], ["already holds shards"]),
+]
+if not torch.cuda.is_available():
+    CASES.append(("cuda without CUDA", lambda t, d, r: _pretrain(d, r, "train.device=cuda"),
+                  ["train.device='cuda'", "CUDA is not available"]))
+
+
+@pytest.mark.parametrize("name,argv,fragments", CASES, ids=[c[0] for c in CASES])
+def test_user_mistake_is_one_line_exit_2_and_leaves_no_output(name, argv, fragments, fashiondet_tiny,
+                                                              tmp_path, capsys):
+    run = tmp_path / "out"
+    args = [str(a) for a in argv(tmp_path, fashiondet_tiny, run)]
+    capsys.readouterr()
+    assert cli_main(args) == 2, name
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if ": error: " in l]
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith(f"predet {args[0]}: error: ")
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert not run.exists(), f"{name}: left {sorted(p.name for p in run.iterdir())}"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, fashiondet_tiny, tmp_path):
+    import predet.pretrain
+
+    def broken(cfg):
+        raise ZeroDivisionError("a bug, not the user's mistake")
+
+    monkeypatch.setattr(predet.pretrain, "pretrain", broken)
+    with pytest.raises(ZeroDivisionError):  # the console script prints it and exits 1
+        cli_main(_pretrain(fashiondet_tiny, tmp_path / "run"))

@@ -1,0 +1,458 @@
+"""Fault injection (issue 10): real SIGKILLs, truncated files, full disks, damaged checkpoints.
+
+Each test breaks a run the way a crash, an operator or a full disk would, then checks that the
+next start recovers (bit-exactly where promised) or stops with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from predet.data.weak import write_webdataset_shards
+from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
+from predet.pretrain import pretrain
+
+from helpers import CrashAt, tiny_pretrain_config
+
+ITERS, PERIOD = 4, 3  # resume from iteration 3: odd, so two loader workers swap streams
+
+
+@pytest.fixture(scope="module")
+def weak_set(fashiondet_tiny) -> Path:
+    return fashiondet_tiny / "weak"
+
+
+@pytest.fixture(scope="module")
+def shards(weak_set, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "weak"
+    write_webdataset_shards(weak_set / "labels.jsonl", out, shard_size=8)
+    return out
+
+
+def shard_config(weak_set, shards, run_dir, **extra):
+    extra = {"data.train": shards, "data.vocab": shards / "vocab.json",
+             "train.checkpoint_period": PERIOD, "train.log_period": 1, **extra}
+    return tiny_pretrain_config(weak_set, run_dir, ITERS, **extra)
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_checkpoint(Path(run_dir) / "checkpoints" / "model_final.pth")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+# ----------------------------------------------------------------------------- item 1
+
+
+def _batches(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same_batch(a: dict, b: dict, where: str) -> None:
+    assert a.keys() == b.keys(), where
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{where}: {key}"
+        else:
+            assert a[key] == b[key], f"{where}: {key}"
+
+
+@pytest.mark.parametrize("workers,world", [(0, 1), (1, 1), (2, 1), (2, 2)])
+def test_shard_loader_resumed_at_k_yields_the_tail_of_the_full_stream(
+        weak_set, shards, tmp_path, monkeypatch, workers, world):
+    """Batch i of a loader resumed at k is batch i of the uninterrupted loader, per rank."""
+    from predet.data.weak import build_weak_dataset
+    from predet.pretrain import build_pretrain_loader
+    from predet.views import TwoViewTransform
+
+    cfg = shard_config(weak_set, shards, tmp_path, **{"train.num_workers": workers,
+                                                       "data.views.size": 32})
+    dataset, _ = build_weak_dataset(shards, None, TwoViewTransform(cfg.data.views), cfg.train.seed,
+                                    repeat=True)
+    total = 7  # crosses an epoch boundary of the 8-image shards per stream
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        full = _batches(build_pretrain_loader(dataset, cfg, 0, rank, world), total)
+        for k in (3, 4):
+            tail = _batches(build_pretrain_loader(dataset, cfg, k, rank, world), total - k)
+            for i, (a, b) in enumerate(zip(full[k:], tail)):
+                _assert_same_batch(a, b, f"rank {rank}, resumed at {k}, batch {k + i}")
+
+
+def test_pretrain_from_shards_sigkilled_and_resumed_is_bit_exact(weak_set, shards, tmp_path):
+    """``predet pretrain`` on shards with two loader workers, really SIGKILLed once its
+    checkpoint at iteration 3 exists (odd: the workers swap streams), then resumed."""
+    from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
+
+    extra = {"data.train": shards, "data.vocab": shards / "vocab.json", "train.num_workers": 2,
+             "train.checkpoint_period": PERIOD, "train.log_period": 1}
+    pretrain(shard_config(weak_set, shards, tmp_path / "straight", **{"train.num_workers": 2}))
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", str(CPU_PRETRAIN_CONFIG),
+            *tiny_pretrain_overrides(weak_set, run, ITERS, **extra)]
+    proc = subprocess.Popen([sys.executable, "-m", "predet", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ckpt = run / "checkpoints" / f"checkpoint_{PERIOD:07d}.pth"
+        _wait_for(lambda: ckpt.exists() or proc.poll() is not None, 300, "the first checkpoint")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        proc.kill()
+    assert not (run / "checkpoints" / "model_final.pth").exists()
+    cfg = shard_config(weak_set, shards, run, **{"train.num_workers": 2})
+    pretrain(replace(cfg, train=replace(cfg.train, resume=True)))
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_shard_worker(rank, world, port, weak, shards, tmp):
+    """Straight, crashed-after-checkpoint-3 and resumed shard pre-training in one process group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import predet.pretrain as pretrain_module
+    from predet.engine.distributed import cleanup
+
+    weak, shards, tmp = Path(weak), Path(shards), Path(tmp)
+    pretrain_module.cleanup = lambda: None  # one group for the three runs
+    real_train = pretrain_module.train
+    extra = {"train.batch_size": 2}
+    try:
+        pretrain(shard_config(weak, shards, tmp / "straight", **extra))
+        pretrain_module.train = lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(PERIOD)]})
+        cfg = shard_config(weak, shards, tmp / "run", **extra)
+        try:
+            pretrain(cfg)
+        except KeyboardInterrupt:
+            pass
+        pretrain_module.train = real_train
+        pretrain(replace(cfg, train=replace(cfg.train, resume=True)))
+    finally:
+        cleanup()
+
+
+def test_two_process_gloo_shard_pretraining_resumes_bit_exactly(weak_set, shards, tmp_path):
+    mp.spawn(_ddp_shard_worker, nprocs=2,
+             args=(2, _free_port(), str(weak_set), str(shards), str(tmp_path)))
+    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint_{ITERS:07d}.pth"
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "run"))
+
+
+_DIE_WHILE_SAVING = """
+import io, os, signal, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from test_engine import make_loader, new_model, solver_cfg, train_cfg
+from predet.engine import train
+
+real_save = torch.save
+
+def save_and_die(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("iteration") == 20 and "optimizer" in obj:
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # half of it on disk
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save_and_die
+train(new_model(), make_loader, solver_cfg(), train_cfg(Path({tmp!r}), "crashed", checkpoint_period=5))
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tmp_path):
+    from test_engine import make_loader, new_model, solver_cfg, train_cfg
+
+    from predet.engine import train
+
+    straight = new_model()
+    train(straight, make_loader, solver_cfg(), train_cfg(tmp_path, "straight", checkpoint_period=5))
+    script = _DIE_WHILE_SAVING.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    ckpts = tmp_path / "crashed" / "checkpoints"
+    assert [p.name for p in ckpts.glob(".*.tmp")]  # the half-written file the kill left
+    assert latest_checkpoint(tmp_path / "crashed").name == "checkpoint_0000015.pth"
+    model = new_model()
+    train(model, make_loader, solver_cfg(), train_cfg(tmp_path, "crashed", checkpoint_period=5, resume=True))
+    assert model.calls == 15 and not list(ckpts.glob(".*.tmp"))
+    assert_same_weights(straight.state_dict(), model.state_dict())
+
+
+# ----------------------------------------------------------------------------- item 2
+
+
+def _toy_run(tmp_path, name="run", **kw):
+    from test_engine import solver_cfg, train_cfg
+
+    return solver_cfg(**kw), train_cfg(tmp_path, name, checkpoint_period=5)
+
+
+def _toy_straight_and_crashed(tmp_path):
+    """A 30-iteration toy run, and the same run crashed after its checkpoint at 25."""
+    from test_engine import make_loader, new_model
+
+    from predet.engine import train
+
+    solver, cfg = _toy_run(tmp_path, "straight")
+    straight = new_model()
+    train(straight, make_loader, solver, cfg)
+    cfg = replace(cfg, run_dir=str(tmp_path / "crashed"))
+    with pytest.raises(KeyboardInterrupt):
+        train(new_model(), make_loader, solver, cfg, hooks=[CrashAt(27)])
+    return straight.state_dict(), solver, cfg
+
+
+def _resume_toy(solver, cfg):
+    from test_engine import make_loader, new_model
+
+    from predet.engine import train
+
+    model = new_model()
+    result = train(model, make_loader, solver, replace(cfg, resume=True))
+    return model, result
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    straight, solver, cfg = _toy_straight_and_crashed(tmp_path)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    newest = ckpts / "checkpoint_0000025.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # really truncated
+    with caplog.at_level("WARNING", logger="predet.engine"):
+        model, result = _resume_toy(solver, cfg)
+    assert "skipping checkpoint" in caplog.text and "checkpoint_0000025.pth" in caplog.text
+    assert "truncated or damaged" in caplog.text
+    assert model.calls == 10  # resumed from 20, not from scratch
+    assert_same_weights(straight, model.state_dict())
+
+
+def test_last_checkpoint_naming_a_missing_file_does_not_restart(tmp_path):
+    straight, solver, cfg = _toy_straight_and_crashed(tmp_path)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    (ckpts / "last_checkpoint").write_text("checkpoint_0000099.pth\n")
+    (ckpts / "checkpoint_0000025.pth").unlink()
+    older = (ckpts / "checkpoint_0000010.pth").read_bytes()
+    model, result = _resume_toy(solver, cfg)
+    assert model.calls == 10  # from 20: the older good checkpoints were used, not overwritten
+    assert (ckpts / "checkpoint_0000010.pth").read_bytes() == older
+    assert_same_weights(straight, model.state_dict())
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    from predet.errors import CheckpointError
+
+    _, solver, cfg = _toy_straight_and_crashed(tmp_path)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    for path in ckpts.glob("checkpoint_*.pth"):
+        path.write_bytes(b"PK\x03\x04 not a whole zip")
+    before = sorted((p.name, p.read_bytes()) for p in ckpts.iterdir())
+    with pytest.raises(CheckpointError, match="none loads.*refusing to start over"):
+        _resume_toy(solver, cfg)
+    assert sorted((p.name, p.read_bytes()) for p in ckpts.iterdir()) == before
+
+
+def test_stale_temp_files_are_removed_on_the_next_start(tmp_path):
+    _, solver, cfg = _toy_straight_and_crashed(tmp_path)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    stale = ckpts / ".checkpoint_0000030.pth.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    _resume_toy(solver, cfg)
+    assert not stale.exists()
+    assert not list(ckpts.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- item 6
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _lock_pid(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / ".lock").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
+    from predet.engine.runfolder import acquire_lock, release_lock
+    from predet.errors import RunLocked
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    lock = acquire_lock(tmp_path)  # stale: its process is gone
+    assert _lock_pid(tmp_path) == os.getpid()
+    release_lock(lock)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunLocked, match=f"in use by another run \\(pid {live.pid}\\)"):
+            acquire_lock(tmp_path)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_sweep_holds_its_folder_and_its_run_dies_with_it(fashiondet_tiny, tmp_path, capsys):
+    """A live sweep refuses a second sweep and a finetune on its run; SIGKILL of the sweep
+    also ends the run it launched, and the run's lock is then stale, not blocking."""
+    from predet.cli import main as cli_main
+    from predet.engine.runfolder import acquire_lock, release_lock
+
+    from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
+
+    out = tmp_path / "sweep"
+    overrides = [o for o in tiny_finetune_overrides(fashiondet_tiny, tmp_path / "x", "scratch", 10_000)
+                 if not o.startswith("train.run_dir=")]
+    sweep_args = ["sweep", "--config", str(CPU_FINETUNE_CONFIG), *overrides, "--grid", "lr=0.01",
+                  "--seeds", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "predet", *sweep_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = out / "lr0.01" / "seed0"
+    try:
+        child = _wait_for(lambda: _lock_pid(run), 240, "the sweep's run to take its lock")
+        assert _lock_pid(out) == proc.pid and child != proc.pid
+        assert cli_main(sweep_args) == 2
+        assert f"in use by another sweep (pid {proc.pid})" in capsys.readouterr().err
+        finetune_args = ["finetune", "--config", str(CPU_FINETUNE_CONFIG), *overrides, f"train.run_dir={run}"]
+        assert cli_main(finetune_args) == 2
+        assert f"in use by another fine-tuning (pid {child})" in capsys.readouterr().err
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _wait_for(lambda: not _pid_alive(child), 60, f"run pid {child} to end with its sweep")
+    finally:
+        proc.kill()
+        proc.wait()
+    release_lock(acquire_lock(run))  # both locks are stale now, not blocking
+    release_lock(acquire_lock(out))
+
+
+def test_sweep_does_not_retry_a_run_that_failed_on_its_inputs(tmp_path, capsys):
+    from predet.sweep import sweep
+
+    from helpers import CPU_FINETUNE_CONFIG
+
+    out = tmp_path / "sweep"
+    log = out / "lr-bad" / "seed0" / "log.txt"
+    first = sweep(CPU_FINETUNE_CONFIG, {"lr": ["bad"]}, seeds=1, out_dir=out)
+    assert first["runs"][0]["status"] == "failed" and log.read_text().count("\n=== ") == 1
+    again = sweep(CPU_FINETUNE_CONFIG, {"lr": ["bad"]}, seeds=1, out_dir=out)
+    assert again["runs"][0]["status"] == "failed" and log.read_text().count("\n=== ") == 1
+    text = capsys.readouterr().out
+    assert "failed earlier (exit 2), not retried" in text and "--retry-failed" in text
+    sweep(CPU_FINETUNE_CONFIG, {"lr": ["bad"]}, seeds=1, out_dir=out, retry_failed=True)
+    assert log.read_text().count("\n=== ") == 2
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs): writes past it fail with ENOSPC."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: the full-disk cases need a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs is not permitted here ({done.stderr.strip()}); "
+                    "the full-disk cases need root or CAP_SYS_ADMIN")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_writing_shards_is_one_line_and_leaves_nothing(weak_set, small_disk, capsys):
+    from predet.cli import main as cli_main
+
+    out = small_disk / "shards"
+    assert cli_main(["data", "shards", "--labels", str(weak_set / "labels.jsonl"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    line = [l for l in err.splitlines() if ": error: " in l]
+    assert len(line) == 1 and "Traceback" not in err
+    assert line[0].startswith("predet data: error: no space left on device while writing ")
+    assert "shard-" in line[0]
+    assert not out.exists()
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(small_disk, tmp_path):
+    """The disk fills up between two checkpoints: the second save fails naming its file, the
+    first stays loadable, no temp file is left, and the run resumes once there is room."""
+    from test_engine import make_loader, new_model, solver_cfg, train_cfg
+
+    from predet.engine import train
+    from predet.errors import DiskFull
+
+    class FillDisk:
+        def after_step(self, state):
+            if state.iteration == 7:
+                with open(small_disk / "filler", "wb", buffering=0) as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * 4096)
+                    except OSError:
+                        pass  # the disk is full now
+
+    solver = solver_cfg(max_iters=10, milestones=[])
+    cfg = train_cfg(small_disk, "run", checkpoint_period=5, log_period=100)
+    with pytest.raises(DiskFull, match="no space left on device while writing .*checkpoint_0000010.pth"):
+        train(new_model(), make_loader, solver, cfg, hooks=[FillDisk()])
+    ckpts = small_disk / "run" / "checkpoints"
+    assert load_checkpoint(ckpts / "checkpoint_0000005.pth")["iteration"] == 5
+    assert not list(ckpts.glob(".*.tmp"))
+    (small_disk / "filler").unlink()
+    model = new_model()
+    assert train(model, make_loader, solver, replace(cfg, resume=True)).iteration == 10
+    assert model.calls == 5
