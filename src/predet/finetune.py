@@ -127,6 +127,7 @@ def resolve_solver(cfg: FinetuneConfig, world_size: int = 1) -> SolverConfig:
     rather than silently ignored."""
     if not cfg.schedule:
         return cfg.solver
+    full = resolve_schedule(cfg.schedule)  # an unknown name is the first thing to say
     given = [k for k in ("max_iters", "milestones") if getattr(cfg.solver, k) != getattr(SolverConfig(), k)]
     if given:
         raise ConfigError(f"schedule={cfg.schedule} sets the iterations and milestones, but solver."
@@ -134,7 +135,7 @@ def resolve_solver(cfg: FinetuneConfig, world_size: int = 1) -> SolverConfig:
                           "or schedule_scale to shorten the named one")
     batch = cfg.train.batch_size * world_size
     sched = resolve_schedule(cfg.schedule, batch_size=batch, schedule_scale=cfg.schedule_scale)
-    factor = sched.max_iters / resolve_schedule(cfg.schedule).max_iters
+    factor = sched.max_iters / full.max_iters
     warmup = max(1, round(cfg.solver.warmup_iters * factor)) if cfg.solver.warmup_iters else 0
     return dataclasses.replace(
         cfg.solver, lr=scale_lr(cfg.solver.lr, batch), max_iters=sched.max_iters,
