@@ -217,7 +217,8 @@ def main(argv=None) -> int:
         build_fashiondet(data, size="small", seed=0, overwrite=True)
     inits = pretrain_variants(out, data, args.pretrain)
     base = data_overrides(data) + list(args.finetune)
-    chosen = choose_settings(out, inits, parse_grid_args(args.grid), args.select, base, args.lanes)
+    grid = parse_grid_args(args.grid)
+    chosen = choose_settings(out, inits, grid, args.select, base, args.lanes)
     print(f"== chosen on val: {json.dumps(chosen)}", flush=True)
     dirs = final_runs(out, inits, chosen, args.seeds, base, args.curve_period, args.lanes)
 
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
                "hours_this_invocation": (time.time() - start) / 3600,
                "finetune_overrides": list(args.finetune), "pretrain_overrides": list(args.pretrain),
                "fashiondet_format_version": json.loads((data / "fashiondet.json").read_text())["format_version"],
-               "chosen_settings": chosen, "chosen_at_grid_edge": chosen_at_grid_edge(chosen, parse_grid_args(args.grid)),
+               "chosen_settings": chosen, "chosen_at_grid_edge": chosen_at_grid_edge(chosen, grid),
                "bbox": answers(out), "mask": answers(out, "segm/AP"),
                "pretraining": pretraining_diagnostics(out)}
     (results / "answers.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -331,17 +331,18 @@ def plot_ap_curves(runs: list[dict], out_path: str | Path, metric: str = "bbox/A
     return save_figure(fig, out_path, dpi=120)
 
 
-PRETEXT_PANELS = (  # (signal, its floors, title) of the pre-training curves
-    ("cls_mAP", ("cls_mAP_constant",), "weak-label mAP (true tags)"),
-    ("crpn_recall@0.5", ("crpn_recall@0.5_other_query", "crpn_recall@0.5_best_anchor"), "CRPN recall@0.5"),
-    ("nce_top1", ("nce_top1_chance",), "contrastive top-1 (colour-decorrelated views)"),
-)
+PRETEXT_TITLES = {  # signal -> panel title; each signal's floors come from predet.pretext.FLOORS
+    "cls_mAP": "weak-label mAP (true tags)",
+    "crpn_recall@0.5": "CRPN recall@0.5",
+    "nce_top1": "contrastive top-1 (colour-decorrelated views)",
+}
 
 
 def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -> Path | None:
     """One PNG with each pre-training's held-out signals against iterations, a panel per
     signal, its floors dashed: the learning ladder at a glance. None when nothing was logged."""
     from predet.engine.metrics import read_metrics
+    from predet.pretext import FLOORS
 
     curves = {}
     for label, run_dir in run_dirs.items():
@@ -355,8 +356,9 @@ def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PRETEXT_PANELS), figsize=(5 * len(PRETEXT_PANELS), 3.8))
-    for ax, (signal, floors, title) in zip(axes, PRETEXT_PANELS):
+    fig, axes = plt.subplots(1, len(PRETEXT_TITLES), figsize=(5 * len(PRETEXT_TITLES), 3.8))
+    for ax, (signal, title) in zip(axes, PRETEXT_TITLES.items()):
+        floors = FLOORS[signal]
         for i, (label, records) in enumerate(curves.items()):
             colour = f"C{i}"
             for key, style, suffix in [(signal, "-", ""), *((f, "--", f" ({f[len(signal) + 1:].replace('_', ' ')})") for f in floors)]:
