@@ -59,11 +59,11 @@ def run_parallel(tasks, lanes: int) -> list:
         return [f.result() for f in [pool.submit(t) for t in tasks]]
 
 
-def pretrain_variants(out: Path, data: Path, extra: list[str]) -> dict[str, str]:
-    """Every variant in its own process, side by side; a finished one is not rerun."""
+def pretrain_task(out: Path, data: Path, name: str, extra: list[str]):
+    """A no-argument function that pre-trains one variant in its own process (once)."""
     weak = data / "weak"
 
-    def task(name: str, losses: list[str]):
+    def task():
         run_dir = out / "pretrain" / name
         final = run_dir / "checkpoints" / "model_final.pth"
         if final.exists():
@@ -73,18 +73,29 @@ def pretrain_variants(out: Path, data: Path, extra: list[str]) -> dict[str, str]
         cmd = [sys.executable, "-m", "predet", "pretrain", "--config", str(PRETRAIN_CONFIG),
                f"data.train={weak / 'labels.jsonl'}", f"data.vocab={weak / 'vocab.json'}",
                f"data.val={weak / 'heldout_clean.jsonl'}", f"train.run_dir={run_dir}", "train.resume=true",
-               "train.progress=false", *[o.format(weak=weak) for o in losses], *extra]
+               "train.progress=false", *[o.format(weak=weak) for o in VARIANTS[name]], *extra]
         outcome = run_command(cmd, run_dir / "log.txt", thread_env(1))
         if outcome["returncode"] != 0:
             raise RuntimeError(f"pre-training {name} failed:\n{outcome['error']}")
         print(f"== pre-training {name}: finished in {outcome['seconds'] / 60:.1f} min", flush=True)
 
-    # all variants at once even with fewer lanes: the same total work, and no variant waits
-    run_parallel([lambda n=n, l=l: task(n, l) for n, l in VARIANTS.items()], len(VARIANTS))
-    inits = {name: str(out / "pretrain" / name / "checkpoints" / "model_final.pth") for name in VARIANTS}
+    return task
+
+
+def has_pretext(name: str) -> bool:
+    """Variants that train the CRPN or the contrastive head: several times a classification step."""
+    return name in VARIANTS and not {"loss.lambda_rpn=0", "loss.lambda_roi=0"} <= set(VARIANTS[name])
+
+
+def initialisations(out: Path, variants: list[str]) -> dict[str, str]:
+    inits = {name: str(out / "pretrain" / name / "checkpoints" / "model_final.pth") for name in variants}
     inits["scratch"] = "scratch"
     return inits
 
+
+def run_queues(queues: list[list]) -> None:
+    """Each queue's tasks one after another, the queues side by side; re-raise the first error."""
+    run_parallel([lambda q=q: [task() for task in q] for q in queues if q], len(queues))
 
 def data_overrides(data: Path) -> list[str]:
     det = data / "det"
@@ -102,39 +113,76 @@ def run_dir_for(out: Path, name: str, schedule: str) -> Path:
     return out / "final" / f"{name}_{schedule}"
 
 
-def choose_settings(out: Path, inits: dict, grid: dict, select: list[str], base: list[str],
-                    lanes: int) -> dict[str, dict]:
-    """The grid point with the best val bbox/AP at 1x (one seed), per initialisation in ``select``."""
-    def task(name: str) -> dict:
+def selection_task(out: Path, name: str, init: str, grid: dict, base: list[str]):
+    """A no-argument function returning the grid point with the best val bbox/AP at 1x (one seed)."""
+    def task() -> dict:
         run_dir = run_dir_for(out, name, "1x")
         summary = sweep(FINETUNE_CONFIG, grid, seeds=1, out_dir=run_dir, threads=1, echo=_echo(f"select {name}"),
-                        overrides=[f"init={inits[name]}", "schedule=1x", "train.eval_period=0", *base])
+                        overrides=[f"init={init}", "schedule=1x", "train.eval_period=0", *base])
         shutil.copy(run_dir / "summary.json", run_dir / "selection.json")
         if not summary["best"]:
             raise RuntimeError(f"no selection run for {name} finished: see {run_dir / 'selection.json'}")
         return summary["best"]["settings"]
 
-    chosen = dict(zip(select, run_parallel([lambda n=n: task(n) for n in select], lanes)))
-    for name in inits:
-        chosen.setdefault(name, chosen.get("predet") or next(iter(chosen.values())))
-    return chosen
+    return task
 
 
-def final_runs(out: Path, inits: dict, chosen: dict, seeds: int, base: list[str], curve_period: int,
-               lanes: int) -> list[Path]:
-    """Every initialisation at 1x, scratch and PreDet at 3x; the long runs are started first."""
-    plan = [("scratch", "3x"), ("predet", "3x")] + [(name, "1x") for name in inits]
-
-    def task(name: str, schedule: str) -> Path:
-        grid = {k: [v] for k, v in chosen[name].items()}
+def final_task(out: Path, name: str, schedule: str, init: str, settings: dict, seeds: int, base: list[str],
+               curve_period: int):
+    """A no-argument function running ``seeds`` seeds of one initialisation and schedule on test."""
+    def task() -> Path:
+        grid = {k: [v] for k, v in settings.items()}
         run_dir = run_dir_for(out, name, schedule)
         period = curve_period if schedule != "1x" else 0  # 1x: its end point is enough
         sweep(FINETUNE_CONFIG, grid, seeds=seeds, out_dir=run_dir, threads=1, echo=_echo(f"{name} {schedule}"),
-              overrides=[f"init={inits[name]}", f"schedule={schedule}", f"train.eval_period={period}", *base])
+              overrides=[f"init={init}", f"schedule={schedule}", f"train.eval_period={period}", *base])
         return run_dir
 
-    run_parallel([lambda n=n, s=s: task(n, s) for n, s in plan], lanes)
-    return [run_dir_for(out, n, s) for n, s in sorted(plan, key=lambda p: (p[1], list(LABELS).index(p[0])))]
+    return task
+
+
+def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[str], grid: dict, select: list[str],
+               base: list[str], seeds: int, curve_period: int, lanes: int, long_schedule: bool = True) -> tuple[dict, list[Path]]:
+    """Pre-training, selection on val and the final runs on test, scheduled so that no lane idles.
+
+    An initialisation with its own selection is a chain: pre-train, select, then its final runs
+    (1x, and 3x for scratch and PreDet). Pretext variants (the longest pre-trainings) get a lane
+    each, all but one lane; the last lane takes the classification pre-trainings, then scratch's
+    chain (scratch needs no pre-training) and any pretext chain left over. The initialisations
+    without a selection of their own take PreDet's choice and run once all chains are done.
+    Returns the settings chosen per initialisation and the final run folders.
+    """
+    inits = initialisations(out, variants)
+    chosen: dict[str, dict] = {}
+    long_names = {"scratch", "predet"} if long_schedule else set()
+
+    def chain(name: str) -> list:
+        def select() -> None:
+            chosen[name] = selection_task(out, name, inits[name], grid, base)()
+            print(f"== chosen on val for {name}: {json.dumps(chosen[name])}", flush=True)
+
+        finals = [lambda s=s: final_task(out, name, s, inits[name], chosen[name], seeds, base, curve_period)()
+                  for s in (["1x", "3x"] if name in long_names else ["1x"])]
+        pretrain = [pretrain_task(out, data, name, pretrain_extra)] if name != "scratch" else []
+        return pretrain + [select] + finals
+
+    selected = [n for n in inits if n in select]
+    heavy = [n for n in variants if has_pretext(n)]
+    own_lane = [n for n in heavy if n in selected][: max(lanes - 1, 0)]
+    last_lane = [pretrain_task(out, data, n, pretrain_extra) for n in variants
+                 if n not in selected and not has_pretext(n)]
+    last_lane += [t for n in selected if n not in own_lane and not has_pretext(n) for t in chain(n)]
+    last_lane += [pretrain_task(out, data, n, pretrain_extra) for n in heavy if n not in selected]
+    last_lane += [t for n in selected if n not in own_lane and has_pretext(n) for t in chain(n)]
+    run_queues([chain(n) for n in own_lane] + [last_lane])
+
+    fallback = chosen.get("predet") or next(iter(chosen.values()))
+    rest = [n for n in inits if n not in chosen]
+    for name in rest:
+        chosen[name] = fallback
+    run_parallel([final_task(out, n, "1x", inits[n], chosen[n], seeds, base, curve_period) for n in rest], lanes)
+    plan = [(n, "1x") for n in inits] + [(n, "3x") for n in inits if n in long_names]
+    return chosen, [run_dir_for(out, n, s) for n, s in sorted(plan, key=lambda p: (p[1], list(LABELS).index(p[0])))]
 
 
 def _stats(summary_path: Path, split: str, metric: str) -> dict | None:
@@ -181,7 +229,7 @@ def chosen_at_grid_edge(chosen: dict, grid: dict) -> dict[str, list[str]]:
 def pretraining_diagnostics(out: Path) -> dict:
     """Per pre-training: held-out pretext curves and how far each part moved from its init."""
     result = {}
-    for name in VARIANTS:
+    for name in [p.name for p in sorted((out / "pretrain").iterdir()) if p.name in VARIANTS]:
         run_dir = out / "pretrain" / name
         records = read_metrics(run_dir / "metrics.jsonl")
         result[name] = {
@@ -202,6 +250,10 @@ def main(argv=None) -> int:
                         help="selection grid on val (lr at batch 16; gamma, lr_mf or any key also work)")
     parser.add_argument("--select", nargs="+", default=["scratch", "predet"], choices=list(LABELS),
                         help="initialisations that get their own selection (the others take PreDet's)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="pre-training variants of the ladder (scratch is always run)")
+    parser.add_argument("--no-3x", dest="long_schedule", action="store_false",
+                        help="skip the 3x runs of scratch and PreDet (the stretch goal's comparison)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lanes", type=int, default=os.cpu_count() or 1, help="runs side by side, 1 thread each")
     parser.add_argument("--curve-period", type=int, default=450,
@@ -215,15 +267,14 @@ def main(argv=None) -> int:
     out, data, results = Path(args.out), Path(args.data), Path(args.results)
     if not is_current_build(data):
         build_fashiondet(data, size="small", seed=0, overwrite=True)
-    inits = pretrain_variants(out, data, args.pretrain)
     base = data_overrides(data) + list(args.finetune)
     grid = parse_grid_args(args.grid)
-    chosen = choose_settings(out, inits, grid, args.select, base, args.lanes)
+    chosen, dirs = run_ladder(out, data, args.variants, args.pretrain, grid, args.select, base, args.seeds,
+                              args.curve_period, args.lanes, args.long_schedule)
     print(f"== chosen on val: {json.dumps(chosen)}", flush=True)
-    dirs = final_runs(out, inits, chosen, args.seeds, base, args.curve_period, args.lanes)
 
     results.mkdir(parents=True, exist_ok=True)
-    plot_pretext_curves({LABELS[name]: out / "pretrain" / name for name in VARIANTS}, results / "pretext_curves.png")
+    plot_pretext_curves({LABELS[name]: out / "pretrain" / name for name in args.variants}, results / "pretext_curves.png")
     labels = {str(d): LABELS[d.name.rsplit("_", 1)[0]] for d in dirs}
     paths = write_report(dirs, results, split="test", labels=labels)
     for d in dirs:
