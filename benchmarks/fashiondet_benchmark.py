@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,24 +150,46 @@ def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[
     (1x, and 3x for scratch and PreDet). Pretext variants (the longest pre-trainings) get a lane
     each, all but one lane; the last lane takes the classification pre-trainings, then scratch's
     chain (scratch needs no pre-training) and any pretext chain left over. The initialisations
-    without a selection of their own take PreDet's choice and run once all chains are done.
+    without a selection of their own take PreDet's choice: a lane that has finished its chain runs
+    them once that choice is made.
     Returns the settings chosen per initialisation and the final run folders.
     """
     inits = initialisations(out, variants)
     chosen: dict[str, dict] = {}
     long_names = {"scratch", "predet"} if long_schedule else set()
+    selected = [n for n in inits if n in select]
+    source = "predet" if "predet" in selected else selected[0]  # whose choice the others take
+    source_chosen = threading.Event()
 
     def chain(name: str) -> list:
-        def select() -> None:
-            chosen[name] = selection_task(out, name, inits[name], grid, base)()
-            print(f"== chosen on val for {name}: {json.dumps(chosen[name])}", flush=True)
+        def select_settings() -> None:
+            try:
+                chosen[name] = selection_task(out, name, inits[name], grid, base)()
+                print(f"== chosen on val for {name}: {json.dumps(chosen[name])}", flush=True)
+            finally:
+                if name == source:
+                    source_chosen.set()
 
         finals = [lambda s=s: final_task(out, name, s, inits[name], chosen[name], seeds, base, curve_period)()
                   for s in (["1x", "3x"] if name in long_names else ["1x"])]
         pretrain = [pretrain_task(out, data, name, pretrain_extra)] if name != "scratch" else []
-        return pretrain + [select] + finals
+        return pretrain + [select_settings] + finals
 
-    selected = [n for n in inits if n in select]
+    rest = [n for n in inits if n not in selected]  # final runs with the source's choice, taken by idle lanes
+    rest_lock = threading.Lock()
+
+    def take_rest() -> None:
+        while True:
+            with rest_lock:
+                if not rest:
+                    return
+                name = rest.pop(0)
+            source_chosen.wait()
+            if source not in chosen:
+                raise RuntimeError(f"{name} takes {source}'s fine-tuning settings, whose selection failed")
+            chosen[name] = chosen[source]
+            final_task(out, name, "1x", inits[name], chosen[name], seeds, base, curve_period)()
+
     heavy = [n for n in variants if has_pretext(n)]
     own_lane = [n for n in heavy if n in selected][: max(lanes - 1, 0)]
     last_lane = [pretrain_task(out, data, n, pretrain_extra) for n in variants
@@ -174,13 +197,7 @@ def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[
     last_lane += [t for n in selected if n not in own_lane and not has_pretext(n) for t in chain(n)]
     last_lane += [pretrain_task(out, data, n, pretrain_extra) for n in heavy if n not in selected]
     last_lane += [t for n in selected if n not in own_lane and has_pretext(n) for t in chain(n)]
-    run_queues([chain(n) for n in own_lane] + [last_lane])
-
-    fallback = chosen.get("predet") or next(iter(chosen.values()))
-    rest = [n for n in inits if n not in chosen]
-    for name in rest:
-        chosen[name] = fallback
-    run_parallel([final_task(out, n, "1x", inits[n], chosen[n], seeds, base, curve_period) for n in rest], lanes)
+    run_queues([chain(n) + [take_rest] for n in own_lane] + [last_lane + [take_rest]])
     plan = [(n, "1x") for n in inits] + [(n, "3x") for n in inits if n in long_names]
     return chosen, [run_dir_for(out, n, s) for n, s in sorted(plan, key=lambda p: (p[1], list(LABELS).index(p[0])))]
 

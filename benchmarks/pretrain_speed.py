@@ -1,6 +1,7 @@
 """Pre-training speed: batched CRPN vs a per-query loop, a PreDet step vs a Faster R-CNN step,
-and a PreDet step vs its floor (backbone + FPN forward and backward of the same two views; the
-goal is <= 1.5: the pretext heads should cost at most half the network they train).
+a PreDet step vs its floor (backbone + FPN forward and backward of the same two views; the
+goal is <= 1.5: the pretext heads should cost at most half the network they train), and the
+step with predet's sparse-matrix RoIAlign vs torchvision's.
 
 Both figures are ratios measured in the same process, so machine noise cancels out.
 Prints one JSON object. Usage: python benchmarks/pretrain_speed.py [--quick] [--device cuda]
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import two_view_batch  # noqa: E402
@@ -111,8 +113,12 @@ def step_ratio(model_cfg: ModelConfig, n: int, size: int, q: int, reps: int, dev
     t_predet = best_time(train_step(predet, lambda m: m(batch)), reps, device)
     t_frcnn = best_time(train_step(frcnn, lambda m: m(images, targets)), reps, device)
     t_floor = best_time(train_step(PreDet(10, model_cfg).to(device), floor_losses), reps, device)
+    with_tv = PreDet(10, model_cfg).to(device)  # the same step with torchvision's own RoIAlign
+    with_tv.roi_align = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=model_cfg.roi_canonical_scale)
+    t_tv = best_time(train_step(with_tv, lambda m: m(batch)), reps, device)
     return {"predet_step_s": t_predet, "fasterrcnn_step_s": t_frcnn, "backbone_fpn_step_s": t_floor,
-            "ratio": t_predet / t_frcnn, "floor_ratio": t_predet / t_floor}
+            "predet_step_torchvision_roi_align_s": t_tv,
+            "ratio": t_predet / t_frcnn, "floor_ratio": t_predet / t_floor, "roi_align_ratio": t_tv / t_predet}
 
 
 def main(argv=None) -> dict:
@@ -147,6 +153,8 @@ def main(argv=None) -> dict:
     step = step_ratio(cfg.model, n, size, q, reps, device)
     result["predet_step_over_fasterrcnn_step"] = round(step["ratio"], 3)
     result["predet_step_over_backbone_fpn_step"] = round(step["floor_ratio"], 3)
+    # > 1: the sparse-matrix RoIAlign (predet.models.roi_pool) makes the whole step that much faster
+    result["step_speedup_sparse_roi_align"] = round(step["roi_align_ratio"], 3)
     result["step_seconds"] = {k: round(v, 4) for k, v in step.items() if not k.endswith("ratio")}
     print(json.dumps(result, indent=2))
     return result

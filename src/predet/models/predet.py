@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import MultiScaleRoIAlign
+from predet.models.roi_pool import SparseMultiScaleRoIAlign
 
 from predet.models.backbone import build_backbone
 from predet.models.contrastive import ContrastiveRoIHead, sample_query_rois
@@ -74,8 +74,8 @@ class PreDet(nn.Module):
         self.anchor_generator = AnchorGenerator(
             tuple((s,) for s in model.anchor_sizes), (tuple(model.aspect_ratios),) * len(model.anchor_sizes)
         )
-        self.roi_align = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,
-                                            canonical_scale=model.roi_canonical_scale)
+        self.roi_align = SparseMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,
+                                                  canonical_scale=model.roi_canonical_scale)
         self.box_head = TwoMLPHead(model.fpn_channels * 7 * 7, model.box_head_dim)
         self.crpn = QueryConditionedRPN(
             model.fpn_channels, model.box_head_dim, len(model.aspect_ratios), model.crpn_hidden, model.crpn_init_std

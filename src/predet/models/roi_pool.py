@@ -1,0 +1,110 @@
+"""Multi-scale RoIAlign as one sparse matrix product, for the CPU.
+
+torchvision's CPU RoIAlign backward recomputes every bilinear weight once per channel, which
+made it a fifth of a CPU pre-training step. RoIAlign is linear in the features: each output
+cell is a fixed weighted sum of 16 feature positions (2x2 samples x 4 corners). Writing those
+weights as a sparse (RoI cells x feature positions) matrix pools all levels in one product, and
+its gradient is the transposed product. The numbers are torchvision's (``aligned=False``, a
+fixed ``sampling_ratio``; ``tests/test_roi_pool.py``); on other devices the module is
+torchvision's own.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
+
+
+def _sample_weights(start: Tensor, length: Tensor, size: int, bins: int, ratio: int):
+    """Per RoI, the two neighbours and their weights along one axis for every sample point:
+    indices and weights of shape (R, bins, ratio, 2), following torchvision's bilinear rule
+    (outside [-1, size]: zero; below 0: 0; at or past size - 1: the last row)."""
+    steps = (torch.arange(bins * ratio, dtype=start.dtype, device=start.device) + 0.5) / ratio
+    pos = start[:, None] + steps[None] * (length / bins)[:, None]
+    inside = (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp(min=0.0)
+    low = pos.floor().long().clamp(max=size - 1)
+    pos = torch.where(low >= size - 1, low.to(pos.dtype), pos)
+    high = (low + 1).clamp(max=size - 1)
+    frac = pos - low
+    index = torch.stack([low, high], -1)
+    weight = torch.stack([1.0 - frac, frac], -1) * inside[..., None]
+    shape = (len(start), bins, ratio, 2)
+    return index.view(shape), weight.view(shape)
+
+
+def roi_align_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, int]], scales: list[float],
+                     output_size: int, sampling_ratio: int) -> Tensor:
+    """The sparse CSR matrix (R * out * out, sum of N*H*W over levels) that RoIAlign applies.
+
+    ``rois`` is (R, 5) ``[image, x1, y1, x2, y2]``; ``shapes`` is (N, H, W) per level; row
+    ``(r, i, j)`` averages the ``sampling_ratio**2`` bilinear samples of output cell (i, j)."""
+    r, out, s = len(rois), output_size, sampling_ratio
+    dtype, device = rois.dtype, rois.device
+    scale = torch.tensor(scales, dtype=dtype, device=device)[levels]
+    heights = torch.tensor([h for _, h, _ in shapes], device=device)[levels]
+    widths = torch.tensor([w for _, _, w in shapes], device=device)[levels]
+    sizes = [n * h * w for n, h, w in shapes]
+    offsets = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)[levels]
+    x1, y1, x2, y2 = (rois[:, 1:] * scale[:, None]).unbind(1)
+    cols, vals = [], []
+    # the bilinear rule needs each level's own size; RoIs are few per level, levels few
+    for level, (_, h, w) in enumerate(shapes):
+        idx = (levels == level).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        iy, wy = _sample_weights(y1[idx], (y2[idx] - y1[idx]).clamp(min=1.0), h, out, s)
+        ix, wx = _sample_weights(x1[idx], (x2[idx] - x1[idx]).clamp(min=1.0), w, out, s)
+        m = len(idx)
+        # (RoI, cell row i, cell col j, sample y, sample x, corner y, corner x)
+        iy, wy = iy.view(m, out, 1, s, 1, 2, 1), wy.view(m, out, 1, s, 1, 2, 1)
+        ix, wx = ix.view(m, 1, out, 1, s, 1, 2), wx.view(m, 1, out, 1, s, 1, 2)
+        image = rois[idx, 0].long().view(m, 1, 1, 1, 1, 1, 1)
+        col = offsets[idx].view(m, 1, 1, 1, 1, 1, 1) + (image * h + iy) * w + ix
+        val = wy * wx / (s * s)
+        col, val = torch.broadcast_tensors(col, val)
+        cols.append((idx, col.reshape(m, -1)))
+        vals.append(val.reshape(m, -1))
+    per_row = out * out * s * s * 4
+    col = torch.empty(r, per_row, dtype=torch.long, device=device)
+    val = torch.empty(r, per_row, dtype=dtype, device=device)
+    for (idx, c), v in zip(cols, vals):
+        col[idx], val[idx] = c, v
+    crow = torch.arange(0, r * per_row + 1, s * s * 4, device=device)
+    with warnings.catch_warnings():  # "CSR support is in beta": the product and its gradient are tested
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col.reshape(-1), val.reshape(-1), (r * out * out, sum(sizes)),
+                                       check_invariants=False)
+
+
+class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (same level mapping, same numbers), pooled by one
+    sparse matrix product on the CPU."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if features[0].device.type != "cpu":
+            return super().forward(x, boxes, image_shapes)
+        scales = self._level_scales(features, image_shapes)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.long)
+        out = self.output_size[0]
+        matrix = roi_align_matrix(rois.detach(), levels, [(f.shape[0], f.shape[2], f.shape[3]) for f in features],
+                                  scales, out, self.sampling_ratio)
+        flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features])
+        pooled = matrix @ flat  # (R * out * out, C)
+        return pooled.view(len(rois), out, out, -1).permute(0, 3, 1, 2)
+
+    def _level_scales(self, features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
+        """Each level's stride as a power of two, and the level mapper (as torchvision sets them up)."""
+        if self.scales is None or self.map_levels is None:
+            height = max(s[0] for s in image_shapes)  # torchvision infers the stride from the heights
+            self.scales = [2.0 ** round(math.log2(f.shape[-2] / height)) for f in features]
+            k_min, k_max = -math.log2(self.scales[0]), -math.log2(self.scales[-1])
+            self.map_levels = initLevelMapper(int(k_min), int(k_max), self.canonical_scale, self.canonical_level)
+        return self.scales

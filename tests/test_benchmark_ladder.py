@@ -1,0 +1,98 @@
+"""The FashionDet ladder benchmark's scheduling: no lane waits for work it does not depend on."""
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fashiondet_benchmark.py"
+
+
+@pytest.fixture
+def bench():
+    spec = importlib.util.spec_from_file_location("fashiondet_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_runners(bench, monkeypatch, log, on_pretrain=None):
+    """Replace the three process-launching steps by functions that record what ran, in order."""
+    lock = threading.Lock()
+
+    def record(*entry):
+        with lock:
+            log.append(entry)
+
+    def pretrain_task(out, data, name, extra):
+        def task():
+            if on_pretrain:
+                on_pretrain(name)
+            record("pretrain", name)
+        return task
+
+    def selection_task(out, name, init, grid, base):
+        def task():
+            record("select", name, init)
+            return {"solver.lr": 0.04 if name == "scratch" else 0.02}
+        return task
+
+    def final_task(out, name, schedule, init, settings, seeds, base, curve_period):
+        return lambda: record("final", name, schedule, settings["solver.lr"], seeds)
+
+    monkeypatch.setattr(bench, "pretrain_task", pretrain_task)
+    monkeypatch.setattr(bench, "selection_task", selection_task)
+    monkeypatch.setattr(bench, "final_task", final_task)
+
+
+def test_scratch_is_selected_while_predet_pretrains(bench, monkeypatch, tmp_path):
+    scratch_selected = threading.Event()
+    log = []
+
+    def on_pretrain(name):
+        if name == "predet":  # would time out if scratch's selection waited for this pre-training
+            assert scratch_selected.wait(timeout=10)
+
+    fake_runners(bench, monkeypatch, log, on_pretrain)
+    original = bench.selection_task
+
+    def selection_task(*args):
+        task = original(*args)
+
+        def run():
+            result = task()
+            if args[1] == "scratch":
+                scratch_selected.set()
+            return result
+        return run
+
+    monkeypatch.setattr(bench, "selection_task", selection_task)
+    chosen, dirs = bench.run_ladder(tmp_path, tmp_path, ["predet", "supervised", "cls_only"], [], {"solver.lr": [0.02, 0.04]},
+                                    ["scratch", "predet"], [], seeds=3, curve_period=0, lanes=2, long_schedule=False)
+    assert chosen == {"scratch": {"solver.lr": 0.04}, "predet": {"solver.lr": 0.02},
+                      "supervised": {"solver.lr": 0.02}, "cls_only": {"solver.lr": 0.02}}  # the others take PreDet's
+    assert sorted(d.name for d in dirs) == ["cls_only_1x", "predet_1x", "scratch_1x", "supervised_1x"]
+    finals = sorted(e[1:] for e in log if e[0] == "final")
+    assert finals == [("cls_only", "1x", 0.02, 3), ("predet", "1x", 0.02, 3), ("scratch", "1x", 0.04, 3),
+                      ("supervised", "1x", 0.02, 3)]
+    # every run that needs a pre-training comes after it
+    for name in ("predet", "supervised", "cls_only"):
+        first_use = min(i for i, e in enumerate(log) if e[0] != "pretrain" and e[1] == name)
+        assert log.index(("pretrain", name)) < first_use
+
+
+def test_long_schedule_runs_3x_for_scratch_and_predet_only(bench, monkeypatch, tmp_path):
+    log = []
+    fake_runners(bench, monkeypatch, log)
+    _, dirs = bench.run_ladder(tmp_path, tmp_path, list(bench.VARIANTS), [], {"solver.lr": [0.02, 0.04]},
+                               ["scratch", "predet"], [], seeds=1, curve_period=0, lanes=2, long_schedule=True)
+    assert {e[1] for e in log if e[0] == "final" and e[2] == "3x"} == {"scratch", "predet"}
+    assert {e[1] for e in log if e[0] == "pretrain"} == set(bench.VARIANTS)
+    assert len(dirs) == len(bench.VARIANTS) + 1 + 2
+
+
+def test_a_choice_at_the_grid_edge_is_flagged(bench):
+    grid = {"solver.lr": [0.02, 0.04, 0.08], "solver.gamma": [0.1]}
+    assert bench.chosen_at_grid_edge({"scratch": {"solver.lr": 0.08, "solver.gamma": 0.1},
+                                      "predet": {"solver.lr": 0.04, "solver.gamma": 0.1}}, grid) == {"scratch": ["solver.lr"]}

@@ -1,0 +1,53 @@
+"""The sparse-matrix RoIAlign is torchvision's MultiScaleRoIAlign: same values, same gradients."""
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
+
+from predet.models.roi_pool import SparseMultiScaleRoIAlign
+
+NAMES = ["0", "1", "2", "3"]
+
+
+def fpn_maps(n: int, size: int, channels: int = 8, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(n, channels, size // 2 ** (i + 2), size // 2 ** (i + 2), generator=g, requires_grad=True)
+            for i, name in enumerate(NAMES)} | {"pool": torch.randn(n, channels, 1, 1, generator=g)}
+
+
+def random_boxes(n: int, per_image: int, size: int, seed: int = 1) -> list[torch.Tensor]:
+    """Boxes of every scale, some partly or wholly outside the image and some thinner than a pixel."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = []
+    for _ in range(n):
+        xy = torch.rand(per_image, 2, generator=g) * (size * 1.2) - size * 0.1
+        wh = torch.exp(torch.rand(per_image, 2, generator=g) * torch.log(torch.tensor(size * 1.0)))
+        wh[:3] = torch.tensor([[0.3, 0.5], [size * 2.0, 4.0], [1.0, size * 1.0]])
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    return boxes
+
+
+@pytest.mark.parametrize("size,canonical", [(64, 64), (64, 224), (96, 224), (160, 224)])
+def test_sparse_roi_align_equals_torchvision(size, canonical):
+    maps = fpn_maps(3, size)
+    boxes = random_boxes(3, 40, size)
+    shapes = [(size, size)] * 3
+    ours = SparseMultiScaleRoIAlign(NAMES, 7, 2, canonical_scale=canonical)(maps, boxes, shapes)
+    theirs = MultiScaleRoIAlign(NAMES, 7, 2, canonical_scale=canonical)(maps, boxes, shapes)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    weights = torch.randn_like(theirs)
+    grads_ours = torch.autograd.grad((ours * weights).sum(), [maps[k] for k in NAMES])
+    grads_theirs = torch.autograd.grad((theirs * weights).sum(), [maps[k] for k in NAMES])
+    for a, b in zip(grads_ours, grads_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_images_without_boxes_and_a_single_level():
+    maps = fpn_maps(3, 64)
+    boxes = random_boxes(3, 5, 64)
+    boxes[1] = boxes[1][:0]  # an image with no RoIs
+    for names in (NAMES, ["1"]):
+        ours = SparseMultiScaleRoIAlign(names, 7, 2)(maps, boxes, [(64, 64)] * 3)
+        theirs = MultiScaleRoIAlign(names, 7, 2)(maps, boxes, [(64, 64)] * 3)
+        assert ours.shape == (10, 8, 7, 7)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
