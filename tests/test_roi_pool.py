@@ -51,3 +51,39 @@ def test_images_without_boxes_and_a_single_level():
         theirs = MultiScaleRoIAlign(names, 7, 2)(maps, boxes, [(64, 64)] * 3)
         assert ours.shape == (10, 8, 7, 7)
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_no_rois_at_all_and_all_rois_on_one_level():
+    maps = fpn_maps(2, 64)
+    empty = [torch.zeros(0, 4), torch.zeros(0, 4)]
+    assert SparseMultiScaleRoIAlign(NAMES, 7, 2)(maps, empty, [(64, 64)] * 2).shape == (0, 8, 7, 7)
+    tiny = [torch.tensor([[1.0, 1.0, 5.0, 6.0], [10.0, 3.0, 14.0, 9.0]])] * 2  # all on P2
+    ours = SparseMultiScaleRoIAlign(NAMES, 7, 2, canonical_scale=64)(maps, tiny, [(64, 64)] * 2)
+    theirs = MultiScaleRoIAlign(NAMES, 7, 2, canonical_scale=64)(maps, tiny, [(64, 64)] * 2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_double_precision_unequal_images_and_far_away_boxes():
+    maps = {k: v.detach().double().requires_grad_() for k, v in fpn_maps(2, 96).items()}
+    boxes = random_boxes(2, 30, 96)
+    boxes[0][5] = torch.tensor([1e20, 1e20, 2e20, 2e20])  # pools zeros, must not read out of bounds
+    boxes = [b.double() for b in boxes]
+    shapes = [(96, 80), (72, 96)]
+    ours = SparseMultiScaleRoIAlign(NAMES, 7, 2)(maps, boxes, shapes)
+    theirs = MultiScaleRoIAlign(NAMES, 7, 2)(maps, boxes, shapes)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+    assert ours[5].abs().max() == 0
+    weights = torch.randn_like(theirs)
+    for a, b in zip(torch.autograd.grad((ours * weights).sum(), [maps[k] for k in NAMES]),
+                    torch.autograd.grad((theirs * weights).sum(), [maps[k] for k in NAMES])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs", [{"output_size": (7, 5), "sampling_ratio": 2}, {"output_size": 7, "sampling_ratio": 0},
+                                    {"output_size": 7, "sampling_ratio": 3}])
+def test_what_the_sparse_path_does_not_cover_still_equals_torchvision(kwargs):
+    maps = fpn_maps(2, 64)
+    boxes = random_boxes(2, 10, 64)
+    ours = SparseMultiScaleRoIAlign(NAMES, **kwargs)(maps, boxes, [(64, 64)] * 2)
+    theirs = MultiScaleRoIAlign(NAMES, **kwargs)(maps, boxes, [(64, 64)] * 2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

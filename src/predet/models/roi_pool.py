@@ -2,11 +2,12 @@
 
 torchvision's CPU RoIAlign backward recomputes every bilinear weight once per channel, which
 made it a fifth of a CPU pre-training step. RoIAlign is linear in the features: each output
-cell is a fixed weighted sum of 16 feature positions (2x2 samples x 4 corners). Writing those
-weights as a sparse (RoI cells x feature positions) matrix pools all levels in one product, and
-its gradient is the transposed product. The numbers are torchvision's (``aligned=False``, a
-fixed ``sampling_ratio``; ``tests/test_roi_pool.py``); on other devices the module is
-torchvision's own.
+cell is a fixed weighted sum of ``4 * sampling_ratio**2`` feature positions (the samples' four
+corners). Writing those weights as a sparse (RoI cells x feature positions) matrix pools all
+levels in one product, and its gradient is the transposed product. The numbers are
+torchvision's (``aligned=False``; ``tests/test_roi_pool.py``). Anything this path does not cover
+(other devices, half precision, an adaptive ``sampling_ratio``, a non-square output, levels that
+are not consecutive strides) runs torchvision's own module.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def _sample_weights(start: Tensor, length: Tensor, size: int, bins: int, ratio: 
     steps = (torch.arange(bins * ratio, dtype=start.dtype, device=start.device) + 0.5) / ratio
     pos = start[:, None] + steps[None] * (length / bins)[:, None]
     inside = (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(min=0.0)
-    low = pos.floor().long().clamp(max=size - 1)
+    pos = pos.clamp(0.0, size - 1.0)  # before the cast: a huge coordinate must not overflow int64
+    low = pos.floor().long()
     pos = torch.where(low >= size - 1, low.to(pos.dtype), pos)
     high = (low + 1).clamp(max=size - 1)
     frac = pos - low
@@ -47,8 +48,6 @@ def roi_align_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, 
     r, out, s = len(rois), output_size, sampling_ratio
     dtype, device = rois.dtype, rois.device
     scale = torch.tensor(scales, dtype=dtype, device=device)[levels]
-    heights = torch.tensor([h for _, h, _ in shapes], device=device)[levels]
-    widths = torch.tensor([w for _, _, w in shapes], device=device)[levels]
     sizes = [n * h * w for n, h, w in shapes]
     offsets = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)[levels]
     x1, y1, x2, y2 = (rois[:, 1:] * scale[:, None]).unbind(1)
@@ -71,15 +70,17 @@ def roi_align_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, 
         cols.append((idx, col.reshape(m, -1)))
         vals.append(val.reshape(m, -1))
     per_row = out * out * s * s * 4
-    col = torch.empty(r, per_row, dtype=torch.long, device=device)
-    val = torch.empty(r, per_row, dtype=dtype, device=device)
+    col = torch.zeros(r, per_row, dtype=torch.long, device=device)
+    val = torch.zeros(r, per_row, dtype=dtype, device=device)
     for (idx, c), v in zip(cols, vals):
         col[idx], val[idx] = c, v
-    crow = torch.arange(0, r * per_row + 1, s * s * 4, device=device)
+    row = torch.arange(r * out * out, device=device).repeat_interleave(s * s * 4)
+    # COO, coalesced (shared corners summed), then CSR: a valid matrix by torch's own rules
+    matrix = torch.sparse_coo_tensor(torch.stack([row, col.reshape(-1)]), val.reshape(-1),
+                                     (r * out * out, sum(sizes)), check_invariants=True).coalesce()
     with warnings.catch_warnings():  # "CSR support is in beta": the product and its gradient are tested
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col.reshape(-1), val.reshape(-1), (r * out * out, sum(sizes)),
-                                       check_invariants=False)
+        return matrix.to_sparse_csr()
 
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -88,17 +89,20 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [v for k, v in x.items() if k in self.featmap_names]
-        if features[0].device.type != "cpu":
+        out_h, out_w = self.output_size
+        if (features[0].device.type != "cpu" or features[0].dtype not in (torch.float32, torch.float64)
+                or self.sampling_ratio <= 0 or out_h != out_w or not _consecutive_strides(features)):
             return super().forward(x, boxes, image_shapes)
         scales = self._level_scales(features, image_shapes)
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+        rois = rois.detach().to(features[0].dtype)
         levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.long)
-        out = self.output_size[0]
-        matrix = roi_align_matrix(rois.detach(), levels, [(f.shape[0], f.shape[2], f.shape[3]) for f in features],
-                                  scales, out, self.sampling_ratio)
+        matrix = roi_align_matrix(rois, levels, [(f.shape[0], f.shape[2], f.shape[3]) for f in features],
+                                  scales, out_h, self.sampling_ratio)
+        # every level as (positions, channels), one after another: the matrix's columns
         flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features])
         pooled = matrix @ flat  # (R * out * out, C)
-        return pooled.view(len(rois), out, out, -1).permute(0, 3, 1, 2)
+        return pooled.view(len(rois), out_h, out_w, flat.shape[1]).permute(0, 3, 1, 2)
 
     def _level_scales(self, features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
         """Each level's stride as a power of two, and the level mapper (as torchvision sets them up)."""
@@ -108,3 +112,8 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
             k_min, k_max = -math.log2(self.scales[0]), -math.log2(self.scales[-1])
             self.map_levels = initLevelMapper(int(k_min), int(k_max), self.canonical_scale, self.canonical_level)
         return self.scales
+
+
+def _consecutive_strides(features: list[Tensor]) -> bool:
+    """Each level is the previous one halved (what the level mapper assumes)."""
+    return all((a.shape[-2] + 1) // 2 == b.shape[-2] for a, b in zip(features, features[1:]))
