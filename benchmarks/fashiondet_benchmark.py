@@ -14,7 +14,10 @@
 4. Report (Table-3 layout, AP-vs-iterations plot) and the answers to the paper's questions.
 
 Runs go side by side, ``--lanes`` at a time, one CPU thread each: on a 2-core machine two
-single-thread runs finish sooner than the same runs one after another on both cores.
+single-thread runs finish sooner than the same runs one after another on both cores. Each run
+starts as soon as what it needs has finished, so scratch's selection runs beside the
+pre-trainings (``run_ladder``). ``--variants`` picks the ladder's rungs, ``--no-3x`` skips the
+3x runs.
 Everything resumes: rerun the same command after an interruption. Usage:
     python benchmarks/fashiondet_benchmark.py [--out runs/bench_fashiondet]
         [--results benchmarks/results/fashiondet] [--grid lr=0.02,0.04] [--seeds 3] [--lanes 2]
@@ -29,7 +32,8 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from predet.data.fashiondet import build_fashiondet, is_current_build
@@ -52,12 +56,6 @@ LABELS = {"predet": "PreDet", "supervised": "supervised (clean tags)", "cls_only
 # results folder): 1x = 300 iterations at batch 4 (the config's CPU 1x is 450), 64 sampled
 # RoIs per image instead of 128, a 64-channel mask head instead of 128.
 FINETUNE_CUTS = ["schedule_scale=0.000833333", "model.box_batch_size_per_image=64", "model.mask_head_dim=64"]
-
-
-def run_parallel(tasks, lanes: int) -> list:
-    """Call every task (a no-argument function), ``lanes`` at a time; re-raise the first error."""
-    with ThreadPoolExecutor(max_workers=max(1, lanes)) as pool:
-        return [f.result() for f in [pool.submit(t) for t in tasks]]
 
 
 def pretrain_task(out: Path, data: Path, name: str, extra: list[str]):
@@ -93,10 +91,6 @@ def initialisations(out: Path, variants: list[str]) -> dict[str, str]:
     inits["scratch"] = "scratch"
     return inits
 
-
-def run_queues(queues: list[list]) -> None:
-    """Each queue's tasks one after another, the queues side by side; re-raise the first error."""
-    run_parallel([lambda q=q: [task() for task in q] for q in queues if q], len(queues))
 
 def data_overrides(data: Path) -> list[str]:
     det = data / "det"
@@ -142,63 +136,100 @@ def final_task(out: Path, name: str, schedule: str, init: str, settings: dict, s
     return task
 
 
+@dataclass
+class Job:
+    name: str
+    run: Callable[[], object]
+    after: list[str] = field(default_factory=list)  # jobs that must have finished first
+
+
+def run_jobs(jobs: list[Job], lanes: int) -> None:
+    """List scheduling: every free lane takes the first job, in list order, whose ``after`` jobs
+    have all finished. A failed job skips everything that depends on it; the others still run,
+    and the first failure is raised at the end."""
+    names = {job.name for job in jobs}
+    for job in jobs:
+        if missing := [a for a in job.after if a not in names]:
+            raise ValueError(f"job {job.name!r} waits for unknown jobs {missing}")
+    cond = threading.Condition()
+    pending, done, failed = list(jobs), set(), {}
+
+    def take() -> Job | None:
+        with cond:
+            while pending:
+                for job in pending:
+                    if any(a in failed for a in job.after):
+                        pending.remove(job)
+                        failed[job.name] = RuntimeError(f"{job.name}: skipped, a job it needs failed")
+                        cond.notify_all()
+                        break
+                    if all(a in done for a in job.after):
+                        pending.remove(job)
+                        return job
+                else:
+                    cond.wait()
+            return None
+
+    def lane() -> None:
+        while (job := take()) is not None:
+            try:
+                job.run()
+            except BaseException as exc:  # noqa: BLE001 - recorded, raised once every lane stops
+                with cond:
+                    failed[job.name] = exc
+                    cond.notify_all()
+            else:
+                with cond:
+                    done.add(job.name)
+                    cond.notify_all()
+
+    threads = [threading.Thread(target=lane, daemon=True) for _ in range(max(1, lanes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        raise next(iter(failed.values()))
+
+
 def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[str], grid: dict, select: list[str],
                base: list[str], seeds: int, curve_period: int, lanes: int, long_schedule: bool = True) -> tuple[dict, list[Path]]:
-    """Pre-training, selection on val and the final runs on test, scheduled so that no lane idles.
+    """Pre-training, selection on val and the final runs on test, as jobs over ``lanes`` lanes.
 
-    An initialisation with its own selection is a chain: pre-train, select, then its final runs
-    (1x, and 3x for scratch and PreDet). Pretext variants (the longest pre-trainings) get a lane
-    each, all but one lane; the last lane takes the classification pre-trainings, then scratch's
-    chain (scratch needs no pre-training) and any pretext chain left over. The initialisations
-    without a selection of their own take PreDet's choice: a lane that has finished its chain runs
-    them once that choice is made.
-    Returns the settings chosen per initialisation and the final run folders.
+    Jobs are taken in this order as soon as what they need has finished: the pre-trainings
+    (pretext variants, the longest, first), the selections (scratch's needs no pre-training, so
+    it starts beside them), the 3x runs, then the 1x runs. An initialisation without its own
+    selection takes PreDet's choice (or the first selected one's). Returns the settings chosen
+    per initialisation and the final run folders.
     """
     inits = initialisations(out, variants)
-    chosen: dict[str, dict] = {}
-    long_names = {"scratch", "predet"} if long_schedule else set()
     selected = [n for n in inits if n in select]
+    if not selected:
+        raise ValueError(f"--select {select} names none of the initialisations {list(inits)}")
     source = "predet" if "predet" in selected else selected[0]  # whose choice the others take
-    source_chosen = threading.Event()
+    long_names = [n for n in ("scratch", "predet") if n in inits] if long_schedule else []
+    chosen: dict[str, dict] = {}
 
-    def chain(name: str) -> list:
-        def select_settings() -> None:
-            try:
-                chosen[name] = selection_task(out, name, inits[name], grid, base)()
-                print(f"== chosen on val for {name}: {json.dumps(chosen[name])}", flush=True)
-            finally:
-                if name == source:
-                    source_chosen.set()
+    def select_settings(name: str) -> None:
+        chosen[name] = selection_task(out, name, inits[name], grid, base)()
+        print(f"== chosen on val for {name}: {json.dumps(chosen[name])}", flush=True)
 
-        finals = [lambda s=s: final_task(out, name, s, inits[name], chosen[name], seeds, base, curve_period)()
-                  for s in (["1x", "3x"] if name in long_names else ["1x"])]
-        pretrain = [pretrain_task(out, data, name, pretrain_extra)] if name != "scratch" else []
-        return pretrain + [select_settings] + finals
-
-    rest = [n for n in inits if n not in selected]  # final runs with the source's choice, taken by idle lanes
-    rest_lock = threading.Lock()
-
-    def take_rest() -> None:
-        while True:
-            with rest_lock:
-                if not rest:
-                    return
-                name = rest.pop(0)
-            source_chosen.wait()
-            if source not in chosen:
-                raise RuntimeError(f"{name} takes {source}'s fine-tuning settings, whose selection failed")
+    def final(name: str, schedule: str) -> None:
+        if name not in chosen:
             chosen[name] = chosen[source]
-            final_task(out, name, "1x", inits[name], chosen[name], seeds, base, curve_period)()
+        final_task(out, name, schedule, inits[name], chosen[name], seeds, base, curve_period)()
 
-    heavy = [n for n in variants if has_pretext(n)]
-    own_lane = [n for n in heavy if n in selected][: max(lanes - 1, 0)]
-    last_lane = [pretrain_task(out, data, n, pretrain_extra) for n in variants
-                 if n not in selected and not has_pretext(n)]
-    last_lane += [t for n in selected if n not in own_lane and not has_pretext(n) for t in chain(n)]
-    last_lane += [pretrain_task(out, data, n, pretrain_extra) for n in heavy if n not in selected]
-    last_lane += [t for n in selected if n not in own_lane and has_pretext(n) for t in chain(n)]
-    run_queues([chain(n) + [take_rest] for n in own_lane] + [last_lane + [take_rest]])
-    plan = [(n, "1x") for n in inits] + [(n, "3x") for n in inits if n in long_names]
+    def needs(name: str) -> list[str]:
+        return [f"pretrain {name}"] if name != "scratch" else []
+
+    by_cost = sorted(variants, key=lambda n: not has_pretext(n))
+    jobs = [Job(f"pretrain {n}", pretrain_task(out, data, n, pretrain_extra)) for n in by_cost]
+    jobs += [Job(f"select {n}", lambda n=n: select_settings(n), needs(n)) for n in sorted(selected, key=lambda n: n != "scratch")]
+    jobs += [Job(f"final {n} 3x", lambda n=n: final(n, "3x"), [f"select {n}"]) for n in long_names]
+    jobs += [Job(f"final {n} 1x", lambda n=n: final(n, "1x"),
+                 [f"select {n}"] if n in selected else needs(n) + [f"select {source}"]) for n in inits]
+    run_jobs(jobs, lanes)
+    plan = [(n, "1x") for n in inits] + [(n, "3x") for n in long_names]
     return chosen, [run_dir_for(out, n, s) for n, s in sorted(plan, key=lambda p: (p[1], list(LABELS).index(p[0])))]
 
 

@@ -1,7 +1,9 @@
 """The FashionDet ladder benchmark's scheduling: no lane waits for work it does not depend on."""
 
 import importlib.util
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,10 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fashiondet_ben
 
 
 @pytest.fixture
-def bench():
+def bench(monkeypatch):
     spec = importlib.util.spec_from_file_location("fashiondet_benchmark", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -96,3 +99,37 @@ def test_a_choice_at_the_grid_edge_is_flagged(bench):
     grid = {"solver.lr": [0.02, 0.04, 0.08], "solver.gamma": [0.1]}
     assert bench.chosen_at_grid_edge({"scratch": {"solver.lr": 0.08, "solver.gamma": 0.1},
                                       "predet": {"solver.lr": 0.04, "solver.gamma": 0.1}}, grid) == {"scratch": ["solver.lr"]}
+
+
+def test_a_final_run_waits_for_its_own_pretraining(bench, monkeypatch, tmp_path):
+    log = []
+
+    def on_pretrain(name):
+        if name == "pretext_only":
+            time.sleep(0.5)  # the last, slow pre-training: the other lane is free long before
+
+    fake_runners(bench, monkeypatch, log, on_pretrain)
+    bench.run_ladder(tmp_path, tmp_path, list(bench.VARIANTS), [], {"solver.lr": [0.02]}, ["scratch", "predet"], [],
+                     seeds=1, curve_period=0, lanes=2, long_schedule=False)
+    assert log.index(("pretrain", "pretext_only")) < log.index(("final", "pretext_only", "1x", 0.02, 1))
+
+
+def test_a_failed_pretraining_skips_what_needs_it_and_is_raised(bench, monkeypatch, tmp_path):
+    log = []
+
+    def on_pretrain(name):
+        if name == "predet":
+            raise RuntimeError("pre-training predet failed")
+
+    fake_runners(bench, monkeypatch, log, on_pretrain)
+    with pytest.raises(RuntimeError, match="pre-training predet failed"):
+        bench.run_ladder(tmp_path, tmp_path, ["predet", "cls_only"], [], {"solver.lr": [0.02]}, ["scratch", "predet"],
+                         [], seeds=1, curve_period=0, lanes=2, long_schedule=False)
+    ran = {e[:2] for e in log}
+    assert ("select", "scratch") in ran and ("final", "scratch") in ran  # independent work still ran
+    assert ("select", "predet") not in ran and ("final", "cls_only") not in ran  # it takes predet's choice
+
+
+def test_a_job_waiting_for_an_unknown_job_is_an_error(bench):
+    with pytest.raises(ValueError, match="unknown"):
+        bench.run_jobs([bench.Job("a", lambda: None, ["b"])], lanes=2)
