@@ -1,0 +1,62 @@
+"""Where the CRPN's held-out recall is lost: recall@0.5 of the top box per query, split by the
+query's side in view pixels, beside the share of queries that any anchor can reach (IoU >= 0.5).
+
+A query no anchor reaches can only be found through regression, so the reachable share is the
+ceiling the anchor set puts on the recall. Prints one JSON object. Usage:
+    python benchmarks/crpn_recall_by_size.py CHECKPOINT [--config pretrain/fashiondet_r18_cpu] [--images 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from predet.models.predet import build_predet
+from predet.pretext import pretext_predictions
+from predet.pretrain import load_pretrain_config
+from predet.views import ViewConfig, make_two_views
+
+SIDES = [(0, 12), (12, 20), (20, 32), (32, 64), (64, 10_000)]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--config", default="pretrain/fashiondet_r18_cpu")
+    parser.add_argument("--images", type=int, default=64, help="held-out canvases (data.val), one view pair each")
+    args = parser.parse_args(argv)
+    cfg = load_pretrain_config(args.config)
+    views_cfg = cfg.data.views if isinstance(cfg.data.views, ViewConfig) else ViewConfig(**vars(cfg.data.views))
+    model = build_predet(len(json.load(open(cfg.data.vocab))), cfg.model).eval()
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("model", state))
+    records = [json.loads(line) for line in open(cfg.data.val)][: args.images]
+    root = Path(cfg.data.val).parent
+    pairs = [make_two_views(Image.open(root / r["image"]).convert("RGB"), 1000 + i, views_cfg)
+             for i, r in enumerate(records)]
+    batch = {k: torch.stack([p[k] for p in pairs]) for k in ("view1", "view2", "b1", "b2")}
+    out = pretext_predictions(model, batch)
+    b2 = batch["b2"].reshape(-1, 4)
+    reachable = box_iou(b2, out["anchors"]).max(1).values >= 0.5
+    hit = box_iou(b2, out["top_box"].reshape(-1, 4)).diag() >= 0.5
+    side = ((b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])).sqrt()
+    result = {"checkpoint": args.checkpoint, "config": args.config, "queries": len(b2),
+              "recall@0.5": hit.float().mean().item(), "reachable_by_an_anchor": reachable.float().mean().item(),
+              "recall_on_reachable": hit[reachable].float().mean().item(), "by_query_side_px": {}}
+    for lo, hi in SIDES:
+        m = (side >= lo) & (side < hi)
+        if m.any():
+            result["by_query_side_px"][f"{lo}-{hi}"] = {"queries": int(m.sum()), "reachable": reachable[m].float().mean().item(),
+                                                         "recall@0.5": hit[m].float().mean().item()}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
