@@ -19,7 +19,7 @@ from torchvision.ops import box_iou
 
 from predet.models.predet import build_predet
 from predet.pretext import pretext_predictions
-from predet.pretrain import load_pretrain_config
+from predet.pretrain import load_pretrain_config, read_vocab
 from predet.views import ViewConfig, make_two_views
 
 SIDES = [(0, 12), (12, 20), (20, 32), (32, 64), (64, 10_000)]
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     cfg = load_pretrain_config(args.config)
     views_cfg = cfg.data.views if isinstance(cfg.data.views, ViewConfig) else ViewConfig(**vars(cfg.data.views))
-    model = build_predet(len(json.load(open(cfg.data.vocab))), cfg.model).eval()
+    model = build_predet(len(read_vocab(cfg.data.vocab)), cfg.model).eval()
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("model", state))
     records = [json.loads(line) for line in open(cfg.data.val)][: args.images]

@@ -51,7 +51,8 @@ def roi_align_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, 
     sizes = [n * h * w for n, h, w in shapes]
     offsets = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)[levels]
     x1, y1, x2, y2 = (rois[:, 1:] * scale[:, None]).unbind(1)
-    cols, vals = [], []
+    rows, cols, vals = [], [], []
+    cells = torch.arange(out * out, device=device)
     # the bilinear rule needs each level's own size; RoIs are few per level, levels few
     for level, (_, h, w) in enumerate(shapes):
         idx = (levels == level).nonzero().squeeze(1)
@@ -66,17 +67,14 @@ def roi_align_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, 
         image = rois[idx, 0].long().view(m, 1, 1, 1, 1, 1, 1)
         col = offsets[idx].view(m, 1, 1, 1, 1, 1, 1) + (image * h + iy) * w + ix
         val = wy * wx / (s * s)
-        col, val = torch.broadcast_tensors(col, val)
-        cols.append((idx, col.reshape(m, -1)))
-        vals.append(val.reshape(m, -1))
-    per_row = out * out * s * s * 4
-    col = torch.zeros(r, per_row, dtype=torch.long, device=device)
-    val = torch.zeros(r, per_row, dtype=dtype, device=device)
-    for (idx, c), v in zip(cols, vals):
-        col[idx], val[idx] = c, v
-    row = torch.arange(r * out * out, device=device).repeat_interleave(s * s * 4)
+        row = (idx[:, None] * out * out + cells).view(m, out, out, 1, 1, 1, 1)  # output cell (r, i, j)
+        row, col, val = torch.broadcast_tensors(row, col, val)
+        rows.append(row.reshape(-1))
+        cols.append(col.reshape(-1))
+        vals.append(val.reshape(-1))
     # COO, coalesced (shared corners summed), then CSR: a valid matrix by torch's own rules
-    matrix = torch.sparse_coo_tensor(torch.stack([row, col.reshape(-1)]), val.reshape(-1),
+    index = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else torch.zeros(2, 0, dtype=torch.long)
+    matrix = torch.sparse_coo_tensor(index, torch.cat(vals) if vals else torch.zeros(0, dtype=dtype),
                                      (r * out * out, sum(sizes)), check_invariants=True).coalesce()
     with warnings.catch_warnings():  # "CSR support is in beta": the product and its gradient are tested
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
