@@ -258,6 +258,8 @@ def answers(out: Path, metric: str = "bbox/AP") -> dict:
         "predet_1x_beats_cls_only_1x_by_2std": beats("predet_1x", "cls_only_1x"),
         "predet_1x_beats_scratch_1x_by_2std": beats("predet_1x", "scratch_1x"),
         "supervised_1x_beats_scratch_1x_by_2std": beats("supervised_1x", "scratch_1x"),
+        "pretext_only_1x_beats_scratch_1x_by_2std": beats("pretext_only_1x", "scratch_1x"),
+        "predet_1x_beats_pretext_only_1x_by_2std": beats("predet_1x", "pretext_only_1x"),
         "predet_1x_reaches_scratch_3x": (stats["predet_1x"]["mean"] >= stats["scratch_3x"]["mean"]
                                          if {"predet_1x", "scratch_3x"} <= set(stats) else None),
     }

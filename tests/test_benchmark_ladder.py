@@ -1,6 +1,7 @@
 """The FashionDet ladder benchmark's scheduling: no lane waits for work it does not depend on."""
 
 import importlib.util
+import json
 import sys
 import threading
 import time
@@ -133,3 +134,24 @@ def test_a_failed_pretraining_skips_what_needs_it_and_is_raised(bench, monkeypat
 def test_a_job_waiting_for_an_unknown_job_is_an_error(bench):
     with pytest.raises(ValueError, match="unknown"):
         bench.run_jobs([bench.Job("a", lambda: None, ["b"])], lanes=2)
+
+
+def write_summary(out, name, mean, std):
+    folder = out / "final" / name
+    folder.mkdir(parents=True)
+    entry = {"test": {"bbox/AP": {"mean": mean, "std": std, "n": 3}}}
+    (folder / "summary.json").write_text(json.dumps({"settings": [entry]}))
+
+
+def test_answers_call_a_win_only_beyond_twice_the_larger_std(bench, tmp_path):
+    write_summary(tmp_path, "scratch_1x", 4.0, 0.5)
+    write_summary(tmp_path, "predet_1x", 7.4, 0.5)  # +3.4 > 2 * 0.5
+    write_summary(tmp_path, "pretext_only_1x", 6.8, 0.6)  # predet's +0.6 < 2 * 0.6
+    write_summary(tmp_path, "scratch_3x", 9.0, None)  # one seed: no std
+    result = bench.answers(tmp_path)
+    assert result["predet_1x_beats_scratch_1x_by_2std"]["wins"] is True
+    assert result["predet_1x_beats_pretext_only_1x_by_2std"] == pytest.approx(
+        {"gap_ap": 0.6, "two_std": 1.2, "wins": False})
+    assert result["pretext_only_1x_beats_scratch_1x_by_2std"]["wins"] is True
+    assert result["supervised_1x_beats_scratch_1x_by_2std"] is None  # rung not run
+    assert result["predet_1x_reaches_scratch_3x"] is False
