@@ -265,6 +265,15 @@ def answers(out: Path, metric: str = "bbox/AP") -> dict:
     }
 
 
+def chosen_setting_dir(run_dir: Path) -> Path:
+    """The folder of the setting a final run used: the report must not re-pick among the
+    selection's one-seed grid points that share ``run_dir`` (a lucky seed 0 would win)."""
+    best = json.loads((run_dir / "summary.json").read_text()).get("best")
+    if not best:
+        raise RuntimeError(f"{run_dir / 'summary.json'}: no finished setting")
+    return run_dir / best["name"]
+
+
 def chosen_at_grid_edge(chosen: dict, grid: dict) -> dict[str, list[str]]:
     """Per initialisation, the grid keys whose chosen value is the grid's smallest or largest:
     a choice at the edge means the grid should be widened before the result is trusted."""
@@ -326,7 +335,7 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     plot_pretext_curves({LABELS[name]: out / "pretrain" / name for name in args.variants}, results / "pretext_curves.png")
     labels = {str(d): LABELS[d.name.rsplit("_", 1)[0]] for d in dirs}
-    paths = write_report(dirs, results, split="test", labels=labels)
+    paths = write_report([chosen_setting_dir(d) for d in dirs], results, split="test", labels=labels)
     for d in dirs:
         shutil.copy(d / "summary.json", results / f"summary_{d.name}.json")
         if (d / "selection.json").exists():

@@ -155,3 +155,15 @@ def test_answers_call_a_win_only_beyond_twice_the_larger_std(bench, tmp_path):
     assert result["pretext_only_1x_beats_scratch_1x_by_2std"]["wins"] is True
     assert result["supervised_1x_beats_scratch_1x_by_2std"] is None  # rung not run
     assert result["predet_1x_reaches_scratch_3x"] is False
+
+
+def test_the_report_reads_the_final_setting_not_a_one_seed_grid_point(bench, tmp_path):
+    """Seed 0 of lr 0.04 beat the 3-seed mean of the chosen lr 0.02 on val: the table must
+    still show lr 0.02, the setting the final runs used."""
+    run_dir = tmp_path / "final" / "predet_1x"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"best": {"name": "lr0.02", "settings": {"solver.lr": 0.02}}}))
+    assert bench.chosen_setting_dir(run_dir) == run_dir / "lr0.02"
+    (run_dir / "summary.json").write_text(json.dumps({"best": None}))
+    with pytest.raises(RuntimeError, match="no finished setting"):
+        bench.chosen_setting_dir(run_dir)
