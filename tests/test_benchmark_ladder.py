@@ -96,6 +96,15 @@ def test_long_schedule_runs_3x_for_scratch_and_predet_only(bench, monkeypatch, t
     assert len(dirs) == len(bench.VARIANTS) + 1 + 2
 
 
+def test_3x_runs_take_their_own_seed_count(bench, monkeypatch, tmp_path):
+    log = []
+    fake_runners(bench, monkeypatch, log)
+    bench.run_ladder(tmp_path, tmp_path, ["predet"], [], {"solver.lr": [0.02]}, ["scratch", "predet"], [],
+                     seeds=3, curve_period=0, lanes=1, long_schedule=True, seeds_3x=1)
+    finals = {(e[1], e[2]): e[4] for e in log if e[0] == "final"}
+    assert finals == {("scratch", "1x"): 3, ("predet", "1x"): 3, ("scratch", "3x"): 1, ("predet", "3x"): 1}
+
+
 def test_a_choice_at_the_grid_edge_is_flagged(bench):
     grid = {"solver.lr": [0.02, 0.04, 0.08], "solver.gamma": [0.1]}
     assert bench.chosen_at_grid_edge({"scratch": {"solver.lr": 0.08, "solver.gamma": 0.1},
