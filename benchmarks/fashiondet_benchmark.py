@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from predet.data.fashiondet import build_fashiondet, is_current_build
+from predet.demo import BENCHMARK_FINETUNE_CUTS
 from predet.engine.metrics import read_metrics
 from predet.pretext import weight_change
 from predet.report import plot_pretext_curves, write_report
@@ -52,10 +53,9 @@ VARIANTS = {  # name -> overrides ({weak} is the weak set's folder)
 }
 LABELS = {"predet": "PreDet", "supervised": "supervised (clean tags)", "cls_only": "classification-only",
           "pretext_only": "pretext-only", "scratch": "scratch"}
-# The cuts that make the 20 fine-tuning runs fit a 2-core CPU in about two hours (README of the
-# results folder): 1x = 300 iterations at batch 4 (the config's CPU 1x is 450), 64 sampled
-# RoIs per image instead of 128, a 64-channel mask head instead of 128.
-FINETUNE_CUTS = ["schedule_scale=0.000833333", "model.box_batch_size_per_image=64", "model.mask_head_dim=64"]
+# The cuts that make the ladder's 21 fine-tuning runs fit a 2-core CPU (README of the results
+# folder); the demo's small profile fine-tunes with the same cuts.
+FINETUNE_CUTS = list(BENCHMARK_FINETUNE_CUTS)
 
 
 def pretrain_task(out: Path, data: Path, name: str, extra: list[str]):
