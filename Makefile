@@ -39,7 +39,7 @@ bench: setup fashion-mnist
 	$(BIN)/python benchmarks/pretrain_speed.py $(BENCH_FLAGS) | tee benchmarks/results/pretrain_speed$(subst --,_,$(BENCH_FLAGS)).json
 	$(BIN)/python benchmarks/finetune_speed.py $(BENCH_FLAGS) | tee benchmarks/results/finetune_speed$(subst --,_,$(BENCH_FLAGS)).json
 
-# The FashionDet benchmark (issue: does PreDet pay off?): pre-training variants, lr/gamma/lr_mf
+# The FashionDet benchmark (issue: does PreDet pay off?): pre-training variants, lr, warm-up, gamma
 # chosen on val, 3 seeds on test, report + answers under benchmarks/results/fashiondet/.
 bench-fashiondet: setup fashion-mnist
 	$(BIN)/python benchmarks/fashiondet_benchmark.py $(BENCH_FASHIONDET_FLAGS)

@@ -5,9 +5,10 @@
    classification-only on the noisy tags (lambda_rpn = lambda_roi = 0), pretext-only
    (lambda_cls = 0) and PreDet (all losses). Each logs its held-out signals beside their floors
    (weak-label mAP, CRPN recall, contrastive top-1); ``pretext_curves.png`` plots them.
-2. Choose the fine-tuning lr on the **validation** split at 1x (one seed per grid point) for
-   the initialisations in ``--select`` (scratch and PreDet); the other pre-trainings take
-   PreDet's choice and every 3x run takes its initialisation's 1x choice.
+2. Choose the fine-tuning lr, then the warm-up, then gamma on the **validation** split at 1x
+   (one seed per grid point; each later stage varies its key around the best setting so far,
+   ``--then``) for the initialisations in ``--select`` (scratch and PreDet); the other
+   pre-trainings take PreDet's choice and every 3x run takes its initialisation's 1x choice.
 3. With the chosen settings: every initialisation at 1x and scratch + PreDet at 3x, 3 seeds
    each, evaluated on the held-out **test** split (seed 0 of the chosen 1x setting is the
    selection run itself: same folder, not run twice).
@@ -39,6 +40,7 @@ from pathlib import Path
 from predet.data.fashiondet import build_fashiondet, is_current_build
 from predet.demo import BENCHMARK_FINETUNE_CUTS
 from predet.engine.metrics import read_metrics
+from predet.finetune import load_finetune_config
 from predet.pretext import weight_change
 from predet.report import plot_pretext_curves, write_report
 from predet.sweep import parse_grid_args, run_command, sweep, thread_env
@@ -56,6 +58,9 @@ LABELS = {"predet": "PreDet", "supervised": "supervised (clean tags)", "cls_only
 # The cuts that make the ladder's 21 fine-tuning runs fit a 2-core CPU (README of the results
 # folder); the demo's small profile fine-tunes with the same cuts.
 FINETUNE_CUTS = list(BENCHMARK_FINETUNE_CUTS)
+# After the lr grid, warm-up and then gamma are chosen one at a time around the best setting
+# so far (a full lr x warm-up x gamma grid is 36 runs per initialisation, 6 hours here).
+THEN_STAGES = ["solver.warmup_iters=0,1000,12000", "gamma=0.1,0.3,0.5"]
 
 
 def pretrain_task(out: Path, data: Path, name: str, extra: list[str]):
@@ -108,16 +113,60 @@ def run_dir_for(out: Path, name: str, schedule: str) -> Path:
     return out / "final" / f"{name}_{schedule}"
 
 
-def selection_task(out: Path, name: str, init: str, grid: dict, base: list[str]):
-    """A no-argument function returning the grid point with the best val bbox/AP at 1x (one seed)."""
+def config_value(key: str, base: list[str]):
+    """The fine-tuning config's value of a dotted key under the benchmark's overrides."""
+    node = load_finetune_config(FINETUNE_CONFIG, base)
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def select_in_stages(stages: list[dict], run_grid: Callable[[dict], dict], default: Callable[[str], object]
+                     ) -> tuple[dict, list[dict]]:
+    """Coordinate search on val: the first stage is a full grid; each later stage varies one key
+    around the best setting so far (its current value is not run again) and replaces that
+    setting only when it scores higher. ``run_grid`` runs a sweep grid and returns its summary.
+    Returns the chosen settings and every stage's summary."""
+    settings, best, summaries = {}, None, []
+    for i, stage in enumerate(stages):
+        if i > 0 and len(stage) != 1:
+            raise ValueError(f"selection stage {stage} must vary one key (only the first stage is a full grid)")
+        if i == 0:
+            grid = stage
+        else:
+            (key, values), = stage.items()
+            current = settings.get(key, default(key))
+            if not (values := [v for v in values if v != current]):
+                continue
+            grid = {**{k: [v] for k, v in settings.items() if k != key}, key: values}
+        summary = run_grid(grid)
+        summaries.append(summary)
+        found = summary.get("best") or {}
+        if found and (best is None or found["mean"] > best["mean"]):
+            settings, best = dict(found["settings"]), found
+    if best is None:
+        raise RuntimeError("no selection run finished")
+    return settings, summaries
+
+
+def selection_task(out: Path, name: str, init: str, stages: list[dict], base: list[str]):
+    """A no-argument function returning the setting with the best val bbox/AP at 1x (one seed
+    per grid point), chosen stage by stage (``select_in_stages``)."""
     def task() -> dict:
         run_dir = run_dir_for(out, name, "1x")
-        summary = sweep(FINETUNE_CONFIG, grid, seeds=1, out_dir=run_dir, threads=1, echo=_echo(f"select {name}"),
-                        overrides=[f"init={init}", "schedule=1x", "train.eval_period=0", *base])
-        shutil.copy(run_dir / "summary.json", run_dir / "selection.json")
-        if not summary["best"]:
-            raise RuntimeError(f"no selection run for {name} finished: see {run_dir / 'selection.json'}")
-        return summary["best"]["settings"]
+
+        def run_grid(grid: dict) -> dict:
+            return sweep(FINETUNE_CONFIG, grid, seeds=1, out_dir=run_dir, threads=1, echo=_echo(f"select {name}"),
+                         overrides=[f"init={init}", "schedule=1x", "train.eval_period=0", *base])
+
+        try:
+            settings, summaries = select_in_stages(stages, run_grid, lambda key: config_value(key, base))
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name}: {exc}: see {run_dir}") from None
+        best = next(s["best"] for s in summaries if s.get("best") and s["best"]["settings"] == settings)
+        record = {"chosen": settings, "best": best, "stages": summaries}
+        (run_dir / "selection.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+        return settings
 
     return task
 
@@ -192,7 +241,7 @@ def run_jobs(jobs: list[Job], lanes: int) -> None:
         raise next(iter(failed.values()))
 
 
-def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[str], grid: dict, select: list[str],
+def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[str], stages: list[dict], select: list[str],
                base: list[str], seeds: int, curve_period: int, lanes: int, long_schedule: bool = True,
                seeds_3x: int | None = None) -> tuple[dict, list[Path]]:
     """Pre-training, selection on val and the final runs on test, as jobs over ``lanes`` lanes.
@@ -212,7 +261,7 @@ def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[
     chosen: dict[str, dict] = {}
 
     def select_settings(name: str) -> None:
-        chosen[name] = selection_task(out, name, inits[name], grid, base)()
+        chosen[name] = selection_task(out, name, inits[name], stages, base)()
         print(f"== chosen on val for {name}: {json.dumps(chosen[name])}", flush=True)
 
     def final(name: str, schedule: str) -> None:
@@ -276,11 +325,14 @@ def chosen_setting_dir(run_dir: Path) -> Path:
     return run_dir / best["name"]
 
 
-def chosen_at_grid_edge(chosen: dict, grid: dict) -> dict[str, list[str]]:
+def chosen_at_grid_edge(chosen: dict, grid: dict, defaults: dict | None = None) -> dict[str, list[str]]:
     """Per initialisation, the grid keys whose chosen value is the grid's smallest or largest:
-    a choice at the edge means the grid should be widened before the result is trusted."""
+    a choice at the edge means the grid should be widened before the result is trusted.
+    ``defaults`` stand for keys a choice leaves at the config's value (a later stage that
+    found nothing better)."""
     edges = {}
     for name, settings in chosen.items():
+        settings = {**(defaults or {}), **settings}
         keys = [k for k, v in settings.items() if len(grid.get(k, [])) > 1 and v in (min(grid[k]), max(grid[k]))]
         if keys:
             edges[name] = keys
@@ -309,6 +361,9 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default="benchmarks/results/fashiondet", help="what gets committed")
     parser.add_argument("--grid", nargs="+", default=["lr=0.01,0.02,0.04,0.08"],
                         help="selection grid on val (lr at batch 16; gamma, lr_mf or any key also work)")
+    parser.add_argument("--then", nargs="+", action="append", metavar="key=v1,v2",
+                        default=None, help="a later selection stage: one key varied around the best setting "
+                        f"so far (repeatable; default: {' '.join(f'--then {t}' for t in THEN_STAGES)})")
     parser.add_argument("--select", nargs="+", default=["scratch", "predet"], choices=list(LABELS),
                         help="initialisations that get their own selection (the others take PreDet's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
@@ -331,8 +386,14 @@ def main(argv=None) -> int:
     if not is_current_build(data):
         build_fashiondet(data, size="small", seed=0, overwrite=True)
     base = data_overrides(data) + list(args.finetune)
-    grid = parse_grid_args(args.grid)
-    chosen, dirs = run_ladder(out, data, args.variants, args.pretrain, grid, args.select, base, args.seeds,
+    stages = [parse_grid_args(args.grid)] + [parse_grid_args(t) for t in (args.then or [[t] for t in THEN_STAGES])]
+    defaults = {k: config_value(k, base) for stage in stages[1:] for k in stage}
+    grid = {k: {defaults[k]} if k in defaults else set() for stage in stages for k in stage}
+    for stage in stages:
+        for key, values in stage.items():
+            grid[key] |= set(values)
+    grid = {k: sorted(v) for k, v in grid.items()}
+    chosen, dirs = run_ladder(out, data, args.variants, args.pretrain, stages, args.select, base, args.seeds,
                               args.curve_period, args.lanes, args.long_schedule, args.seeds_3x)
     print(f"== chosen on val: {json.dumps(chosen)}", flush=True)
 
@@ -348,7 +409,8 @@ def main(argv=None) -> int:
                "hours_this_invocation": (time.time() - start) / 3600,
                "finetune_overrides": list(args.finetune), "pretrain_overrides": list(args.pretrain),
                "fashiondet_format_version": json.loads((data / "fashiondet.json").read_text())["format_version"],
-               "chosen_settings": chosen, "chosen_at_grid_edge": chosen_at_grid_edge(chosen, grid),
+               "chosen_settings": chosen, "selection_grid": grid,
+               "chosen_at_grid_edge": chosen_at_grid_edge(chosen, grid, defaults),
                "bbox": answers(out), "mask": answers(out, "segm/AP"),
                "pretraining": pretraining_diagnostics(out)}
     (results / "answers.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -1,6 +1,7 @@
 """The FashionDet ladder benchmark's scheduling: no lane waits for work it does not depend on."""
 
 import importlib.util
+import itertools
 import json
 import sys
 import threading
@@ -72,7 +73,7 @@ def test_scratch_is_selected_while_predet_pretrains(bench, monkeypatch, tmp_path
         return run
 
     monkeypatch.setattr(bench, "selection_task", selection_task)
-    chosen, dirs = bench.run_ladder(tmp_path, tmp_path, ["predet", "supervised", "cls_only"], [], {"solver.lr": [0.02, 0.04]},
+    chosen, dirs = bench.run_ladder(tmp_path, tmp_path, ["predet", "supervised", "cls_only"], [], [{"solver.lr": [0.02, 0.04]}],
                                     ["scratch", "predet"], [], seeds=3, curve_period=0, lanes=2, long_schedule=False)
     assert chosen == {"scratch": {"solver.lr": 0.04}, "predet": {"solver.lr": 0.02},
                       "supervised": {"solver.lr": 0.02}, "cls_only": {"solver.lr": 0.02}}  # the others take PreDet's
@@ -89,7 +90,7 @@ def test_scratch_is_selected_while_predet_pretrains(bench, monkeypatch, tmp_path
 def test_long_schedule_runs_3x_for_scratch_and_predet_only(bench, monkeypatch, tmp_path):
     log = []
     fake_runners(bench, monkeypatch, log)
-    _, dirs = bench.run_ladder(tmp_path, tmp_path, list(bench.VARIANTS), [], {"solver.lr": [0.02, 0.04]},
+    _, dirs = bench.run_ladder(tmp_path, tmp_path, list(bench.VARIANTS), [], [{"solver.lr": [0.02, 0.04]}],
                                ["scratch", "predet"], [], seeds=1, curve_period=0, lanes=2, long_schedule=True)
     assert {e[1] for e in log if e[0] == "final" and e[2] == "3x"} == {"scratch", "predet"}
     assert {e[1] for e in log if e[0] == "pretrain"} == set(bench.VARIANTS)
@@ -99,7 +100,7 @@ def test_long_schedule_runs_3x_for_scratch_and_predet_only(bench, monkeypatch, t
 def test_3x_runs_take_their_own_seed_count(bench, monkeypatch, tmp_path):
     log = []
     fake_runners(bench, monkeypatch, log)
-    bench.run_ladder(tmp_path, tmp_path, ["predet"], [], {"solver.lr": [0.02]}, ["scratch", "predet"], [],
+    bench.run_ladder(tmp_path, tmp_path, ["predet"], [], [{"solver.lr": [0.02]}], ["scratch", "predet"], [],
                      seeds=3, curve_period=0, lanes=1, long_schedule=True, seeds_3x=1)
     finals = {(e[1], e[2]): e[4] for e in log if e[0] == "final"}
     assert finals == {("scratch", "1x"): 3, ("predet", "1x"): 3, ("scratch", "3x"): 1, ("predet", "3x"): 1}
@@ -119,7 +120,7 @@ def test_a_final_run_waits_for_its_own_pretraining(bench, monkeypatch, tmp_path)
             time.sleep(0.5)  # the last, slow pre-training: the other lane is free long before
 
     fake_runners(bench, monkeypatch, log, on_pretrain)
-    bench.run_ladder(tmp_path, tmp_path, list(bench.VARIANTS), [], {"solver.lr": [0.02]}, ["scratch", "predet"], [],
+    bench.run_ladder(tmp_path, tmp_path, list(bench.VARIANTS), [], [{"solver.lr": [0.02]}], ["scratch", "predet"], [],
                      seeds=1, curve_period=0, lanes=2, long_schedule=False)
     assert log.index(("pretrain", "pretext_only")) < log.index(("final", "pretext_only", "1x", 0.02, 1))
 
@@ -133,7 +134,7 @@ def test_a_failed_pretraining_skips_what_needs_it_and_is_raised(bench, monkeypat
 
     fake_runners(bench, monkeypatch, log, on_pretrain)
     with pytest.raises(RuntimeError, match="pre-training predet failed"):
-        bench.run_ladder(tmp_path, tmp_path, ["predet", "cls_only"], [], {"solver.lr": [0.02]}, ["scratch", "predet"],
+        bench.run_ladder(tmp_path, tmp_path, ["predet", "cls_only"], [], [{"solver.lr": [0.02]}], ["scratch", "predet"],
                          [], seeds=1, curve_period=0, lanes=2, long_schedule=False)
     ran = {e[:2] for e in log}
     assert ("select", "scratch") in ran and ("final", "scratch") in ran  # independent work still ran
@@ -176,3 +177,38 @@ def test_the_report_reads_the_final_setting_not_a_one_seed_grid_point(bench, tmp
     (run_dir / "summary.json").write_text(json.dumps({"best": None}))
     with pytest.raises(RuntimeError, match="no finished setting"):
         bench.chosen_setting_dir(run_dir)
+
+
+def fake_val_sweep(scores, ran):
+    """A sweep stand-in: each grid point's val bbox/AP comes from ``scores`` (by its settings)."""
+    def run_grid(grid):
+        points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        ran.extend(points)
+        rows = [{"settings": p, "mean": scores[tuple(sorted(p.items()))]} for p in points]
+        return {"best": max(rows, key=lambda r: r["mean"])}
+    return run_grid
+
+
+def test_later_stages_vary_one_key_around_the_best_and_keep_it_unless_beaten(bench):
+    lr, wu, g = "solver.lr", "solver.warmup_iters", "solver.gamma"
+    scores = {((lr, 0.02),): 5.0, ((lr, 0.04),): 6.0,
+              ((lr, 0.04), (wu, 0)): 5.5, ((lr, 0.04), (wu, 40)): 4.0,  # warm-up: the default stays
+              ((g, 0.3), (lr, 0.04)): 7.0, ((g, 0.5), (lr, 0.04)): 6.5}
+    ran = []
+    defaults = {wu: 3, g: 0.1}
+    settings, summaries = bench.select_in_stages(
+        [{lr: [0.02, 0.04]}, {wu: [0, 3, 40]}, {g: [0.1, 0.3, 0.5]}], fake_val_sweep(scores, ran), defaults.get)
+    assert settings == {lr: 0.04, g: 0.3}
+    assert len(summaries) == 3
+    assert {wu: 3} not in ran and {lr: 0.04, wu: 3} not in ran  # the current value is not run twice
+    assert {lr: 0.04, g: 0.1} not in ran
+    with pytest.raises(ValueError, match="one key"):
+        bench.select_in_stages([{lr: [0.02]}, {wu: [0], g: [0.3]}], fake_val_sweep(scores, []), defaults.get)
+
+
+def test_a_default_left_by_a_later_stage_counts_for_the_edge_check(bench):
+    grid = {"solver.lr": [0.02, 0.04, 0.08], "solver.gamma": [0.1, 0.3, 0.5]}
+    assert bench.chosen_at_grid_edge({"scratch": {"solver.lr": 0.04}}, grid, {"solver.gamma": 0.1}) == \
+        {"scratch": ["solver.gamma"]}
+    assert bench.chosen_at_grid_edge({"scratch": {"solver.lr": 0.04, "solver.gamma": 0.3}}, grid,
+                                     {"solver.gamma": 0.1}) == {}
