@@ -5,9 +5,9 @@
    classification-only on the noisy tags (lambda_rpn = lambda_roi = 0), pretext-only
    (lambda_cls = 0) and PreDet (all losses). Each logs its held-out signals beside their floors
    (weak-label mAP, CRPN recall, contrastive top-1); ``pretext_curves.png`` plots them.
-2. Choose the fine-tuning lr, then the warm-up, then gamma on the **validation** split at 1x
-   (one seed per grid point; each later stage varies its key around the best setting so far,
-   ``--then``) for the initialisations in ``--select`` (scratch and PreDet); the other
+2. Choose the fine-tuning lr, then the warm-up, then gamma, then lr again on the **validation**
+   split at 1x (one seed per grid point; each later stage varies its key around the best
+   setting so far, ``--then``) for the initialisations in ``--select`` (scratch and PreDet); the other
    pre-trainings take PreDet's choice and every 3x run takes its initialisation's 1x choice.
 3. With the chosen settings: every initialisation at 1x and scratch + PreDet at 3x, 3 seeds
    each, evaluated on the held-out **test** split (seed 0 of the chosen 1x setting is the
@@ -59,8 +59,9 @@ LABELS = {"predet": "PreDet", "supervised": "supervised (clean tags)", "cls_only
 # folder); the demo's small profile fine-tunes with the same cuts.
 FINETUNE_CUTS = list(BENCHMARK_FINETUNE_CUTS)
 # After the lr grid, warm-up and then gamma are chosen one at a time around the best setting
-# so far (a full lr x warm-up x gamma grid is 36 runs per initialisation, 6 hours here).
-THEN_STAGES = ["solver.warmup_iters=0,1000,12000", "gamma=0.1,0.3,0.5"]
+# so far, and lr once more at that gamma (a full lr x warm-up x gamma grid is 48 runs per
+# initialisation, 9 hours here). gamma 1 is no decay, the end of its range.
+THEN_STAGES = ["solver.warmup_iters=0,1000,12000", "gamma=0.1,0.3,0.5,1", "lr=0.01,0.02,0.04,0.08"]
 
 
 def pretrain_task(out: Path, data: Path, name: str, extra: list[str]):
@@ -138,7 +139,7 @@ def select_in_stages(stages: list[dict], run_grid: Callable[[dict], dict], defau
             current = settings.get(key, default(key))
             if not (values := [v for v in values if v != current]):
                 continue
-            grid = {**{k: [v] for k, v in settings.items() if k != key}, key: values}
+            grid = {k: values if k == key else [v] for k, v in {**settings, key: current}.items()}
         summary = run_grid(grid)
         summaries.append(summary)
         found = summary.get("best") or {}

@@ -212,3 +212,15 @@ def test_a_default_left_by_a_later_stage_counts_for_the_edge_check(bench):
         {"scratch": ["solver.gamma"]}
     assert bench.chosen_at_grid_edge({"scratch": {"solver.lr": 0.04, "solver.gamma": 0.3}}, grid,
                                      {"solver.gamma": 0.1}) == {}
+
+
+def test_a_stage_may_revisit_a_key_and_keeps_the_run_names_key_order(bench):
+    lr, g = "solver.lr", "solver.gamma"
+    scores = {((lr, 0.02),): 5.0, ((lr, 0.04),): 6.0, ((g, 0.5), (lr, 0.04)): 7.0,
+              ((g, 0.5), (lr, 0.02)): 7.5, ((g, 0.5), (lr, 0.08)): 3.0}
+    ran = []
+    settings, _ = bench.select_in_stages([{lr: [0.02, 0.04]}, {g: [0.1, 0.5]}, {lr: [0.02, 0.04, 0.08]}],
+                                         fake_val_sweep(scores, ran), {g: 0.1}.get)
+    assert settings == {lr: 0.02, g: 0.5}
+    assert list(settings) == [lr, g]  # the final run's folder name matches its selection run's
+    assert ran.count({lr: 0.04, g: 0.5}) == 1
