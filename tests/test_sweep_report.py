@@ -116,11 +116,12 @@ def test_best_setting_is_chosen_on_val_from_finished_runs(tmp_path):
     from predet.config import to_dict
     from predet.finetune import load_finetune_config
 
-    saved = to_dict(load_finetune_config(CPU_FINETUNE_CONFIG, ["solver.lr=0.01", "solver.gamma=0.5"]))
+    gamma = load_finetune_config(CPU_FINETUNE_CONFIG).solver.gamma
+    saved = to_dict(load_finetune_config(CPU_FINETUNE_CONFIG, ["solver.lr=0.01", "solver.gamma=0.25"]))
     (tmp_path / "lr0.01" / "seed0" / "config.yaml").write_text(yaml.safe_dump(saved))
     lines.clear()
     sweep(CPU_FINETUNE_CONFIG, {"lr": [0.01, 0.02]}, seeds=2, out_dir=tmp_path, echo=lines.append)
-    assert "WARNING: its saved config differs" in lines[0] and "solver.gamma: saved 0.5, now 0.1" in lines[0]
+    assert "WARNING: its saved config differs" in lines[0] and f"solver.gamma: saved 0.25, now {gamma}" in lines[0]
     assert "WARNING" not in lines[1]
 
     failed = {"name": "lr0.03", "settings": {"solver.lr": 0.03}, "seed": 0, "status": "failed", "val": {}}
