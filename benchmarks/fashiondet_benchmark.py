@@ -242,6 +242,15 @@ def run_jobs(jobs: list[Job], lanes: int) -> None:
         raise next(iter(failed.values()))
 
 
+# The 1x runs the comparisons need come first (PreDet vs scratch and classification-only,
+# the supervised control vs scratch), so an interrupted ladder has its answers soonest.
+FINAL_ORDER = ["scratch", "predet", "cls_only", "supervised", "pretext_only"]
+
+
+def final_priority(name: str) -> int:
+    return FINAL_ORDER.index(name) if name in FINAL_ORDER else len(FINAL_ORDER)
+
+
 def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[str], stages: list[dict], select: list[str],
                base: list[str], seeds: int, curve_period: int, lanes: int, long_schedule: bool = True,
                seeds_3x: int | None = None) -> tuple[dict, list[Path]]:
@@ -279,7 +288,8 @@ def run_ladder(out: Path, data: Path, variants: list[str], pretrain_extra: list[
     jobs += [Job(f"select {n}", lambda n=n: select_settings(n), needs(n)) for n in sorted(selected, key=lambda n: n != "scratch")]
     jobs += [Job(f"final {n} 3x", lambda n=n: final(n, "3x"), [f"select {n}"]) for n in long_names]
     jobs += [Job(f"final {n} 1x", lambda n=n: final(n, "1x"),
-                 [f"select {n}"] if n in selected else needs(n) + [f"select {source}"]) for n in inits]
+                 [f"select {n}"] if n in selected else needs(n) + [f"select {source}"])
+             for n in sorted(inits, key=final_priority)]
     run_jobs(jobs, lanes)
     plan = [(n, "1x") for n in inits] + [(n, "3x") for n in long_names]
     return chosen, [run_dir_for(out, n, s) for n, s in sorted(plan, key=lambda p: (p[1], list(LABELS).index(p[0])))]

@@ -224,3 +224,11 @@ def test_a_stage_may_revisit_a_key_and_keeps_the_run_names_key_order(bench):
     assert settings == {lr: 0.02, g: 0.5}
     assert list(settings) == [lr, g]  # the final run's folder name matches its selection run's
     assert ran.count({lr: 0.04, g: 0.5}) == 1
+
+
+def test_the_1x_runs_the_answers_need_come_first(bench, monkeypatch, tmp_path):
+    log = []
+    fake_runners(bench, monkeypatch, log)
+    bench.run_ladder(tmp_path, tmp_path, list(bench.VARIANTS), [], [{"solver.lr": [0.02]}], ["scratch", "predet"], [],
+                     seeds=1, curve_period=0, lanes=1, long_schedule=False)
+    assert [e[1] for e in log if e[0] == "final"] == ["scratch", "predet", "cls_only", "supervised", "pretext_only"]
