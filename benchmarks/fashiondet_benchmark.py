@@ -336,6 +336,16 @@ def chosen_setting_dir(run_dir: Path) -> Path:
     return run_dir / best["name"]
 
 
+def selection_grid(stages: list[dict], defaults: dict) -> dict[str, list]:
+    """Every value each key was tried at over all stages, its config default included (a later
+    stage does not rerun the default: the best setting so far stands for it)."""
+    values: dict[str, set] = {}
+    for stage in stages:
+        for key, tried in stage.items():
+            values.setdefault(key, set()).update(tried)
+    return {k: sorted(v | ({defaults[k]} if k in defaults else set())) for k, v in values.items()}
+
+
 def chosen_at_grid_edge(chosen: dict, grid: dict, defaults: dict | None = None) -> dict[str, list[str]]:
     """Per initialisation, the grid keys whose chosen value is the grid's smallest or largest:
     a choice at the edge means the grid should be widened before the result is trusted.
@@ -399,11 +409,7 @@ def main(argv=None) -> int:
     base = data_overrides(data) + list(args.finetune)
     stages = [parse_grid_args(args.grid)] + [parse_grid_args(t) for t in (args.then or [[t] for t in THEN_STAGES])]
     defaults = {k: config_value(k, base) for stage in stages[1:] for k in stage}
-    grid = {k: {defaults[k]} if k in defaults else set() for stage in stages for k in stage}
-    for stage in stages:
-        for key, values in stage.items():
-            grid[key] |= set(values)
-    grid = {k: sorted(v) for k, v in grid.items()}
+    grid = selection_grid(stages, defaults)
     chosen, dirs = run_ladder(out, data, args.variants, args.pretrain, stages, args.select, base, args.seeds,
                               args.curve_period, args.lanes, args.long_schedule, args.seeds_3x)
     print(f"== chosen on val: {json.dumps(chosen)}", flush=True)
