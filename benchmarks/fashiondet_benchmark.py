@@ -5,10 +5,11 @@
    classification-only on the noisy tags (lambda_rpn = lambda_roi = 0), pretext-only
    (lambda_cls = 0) and PreDet (all losses). Each logs its held-out signals beside their floors
    (weak-label mAP, CRPN recall, contrastive top-1); ``pretext_curves.png`` plots them.
-2. Choose the fine-tuning lr, then the warm-up, then gamma, then lr again on the **validation**
-   split at 1x (one seed per grid point; each later stage varies its key around the best
-   setting so far, ``--then``) for the initialisations in ``--select`` (scratch and PreDet); the other
-   pre-trainings take PreDet's choice and every 3x run takes its initialisation's 1x choice.
+2. Choose the fine-tuning lr, then gamma, on the **validation** split at 1x (one seed per grid
+   point; each later stage varies its key around the best setting so far, ``--then``; ``--wide``
+   runs the longer search that chose the config's defaults) for the initialisations in
+   ``--select`` (scratch and PreDet); the other pre-trainings take PreDet's choice and every 3x
+   run takes its initialisation's 1x choice.
 3. With the chosen settings: every initialisation at 1x and scratch + PreDet at 3x, 3 seeds
    each, evaluated on the held-out **test** split (seed 0 of the chosen 1x setting is the
    selection run itself: same folder, not run twice).
@@ -58,10 +59,16 @@ LABELS = {"predet": "PreDet", "supervised": "supervised (clean tags)", "cls_only
 # The cuts that make the ladder's 21 fine-tuning runs fit a 2-core CPU (README of the results
 # folder); the demo's small profile fine-tunes with the same cuts.
 FINETUNE_CUTS = list(BENCHMARK_FINETUNE_CUTS)
-# After the lr grid, warm-up and then gamma are chosen one at a time around the best setting
-# so far, and lr once more at that gamma (a full lr x warm-up x gamma grid is 48 runs per
-# initialisation, 9 hours here). gamma 1 is no decay, the end of its range.
-THEN_STAGES = ["solver.warmup_iters=0,1000,12000", "gamma=0.1,0.3,0.5,1", "lr=0.01,0.02,0.04,0.08"]
+# The default selection checks the neighbourhood of the config's lr 0.04, gamma 0.5 (which a
+# wide search chose for both scratch and PreDet: lr, then warm-up, then gamma, then lr again, 12
+# runs per initialisation; results README): lr one step either side, then gamma around the best
+# lr; 5 runs per initialisation, so the ladder fits 3 hours on 2 cores. gamma 1 is no decay.
+GRID = ["lr=0.02,0.04,0.08"]
+THEN_STAGES = ["gamma=0.3,0.5,1"]
+# ``--wide``: that search, from the config defaults of its time (lr 0.02, gamma 0.1, warm-up 1000).
+WIDE_GRID = ["lr=0.01,0.02,0.04,0.08"]
+WIDE_THEN_STAGES = ["solver.warmup_iters=0,1000,12000", "gamma=0.1,0.3,0.5,1", "lr=0.01,0.02,0.04,0.08"]
+WIDE_START = ["solver.lr=0.02", "solver.gamma=0.1"]
 
 
 def pretrain_task(out: Path, data: Path, name: str, extra: list[str]):
@@ -127,13 +134,18 @@ def select_in_stages(stages: list[dict], run_grid: Callable[[dict], dict], defau
     """Coordinate search on val: the first stage is a full grid; each later stage varies one key
     around the best setting so far (its current value is not run again) and replaces that
     setting only when it scores higher. ``run_grid`` runs a sweep grid and returns its summary.
+
+    Every key any stage searches is in every grid, the later stages' keys pinned at their config
+    default in the first: a run's folder is named by its grid, so it must name each searched
+    value, or a changed config default would silently change what a finished folder means.
     Returns the chosen settings and every stage's summary."""
     settings, best, summaries = {}, None, []
     for i, stage in enumerate(stages):
         if i > 0 and len(stage) != 1:
             raise ValueError(f"selection stage {stage} must vary one key (only the first stage is a full grid)")
         if i == 0:
-            grid = stage
+            later = [k for s in stages[1:] for k in s if k not in stage]
+            grid = {**stage, **{k: [default(k)] for k in dict.fromkeys(later)}}
         else:
             (key, values), = stage.items()
             current = settings.get(key, default(key))
@@ -380,11 +392,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/bench_fashiondet", help="run folders (resumable)")
     parser.add_argument("--data", default="data/fashiondet")
     parser.add_argument("--results", default="benchmarks/results/fashiondet", help="what gets committed")
-    parser.add_argument("--grid", nargs="+", default=["lr=0.01,0.02,0.04,0.08"],
-                        help="selection grid on val (lr at batch 16; gamma, lr_mf or any key also work)")
+    parser.add_argument("--grid", nargs="+", default=None,
+                        help=f"first selection stage on val, a full grid (lr at batch 16; gamma, lr_mf or any "
+                        f"key also work; default: {' '.join(GRID)})")
     parser.add_argument("--then", nargs="+", action="append", metavar="key=v1,v2",
                         default=None, help="a later selection stage: one key varied around the best setting "
                         f"so far (repeatable; default: {' '.join(f'--then {t}' for t in THEN_STAGES)})")
+    parser.add_argument("--wide", action="store_true",
+                        help="the wide search that chose the config's lr and gamma: from lr 0.02, gamma 0.1, "
+                        f"--grid {' '.join(WIDE_GRID)} {' '.join(f'--then {t}' for t in WIDE_THEN_STAGES)} "
+                        "(12 runs per initialisation instead of 5; about 4 hours without 3x)")
     parser.add_argument("--select", nargs="+", default=["scratch", "predet"], choices=list(LABELS),
                         help="initialisations that get their own selection (the others take PreDet's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
@@ -406,8 +423,10 @@ def main(argv=None) -> int:
     out, data, results = Path(args.out), Path(args.data), Path(args.results)
     if not is_current_build(data):
         build_fashiondet(data, size="small", seed=0, overwrite=True)
-    base = data_overrides(data) + list(args.finetune)
-    stages = [parse_grid_args(args.grid)] + [parse_grid_args(t) for t in (args.then or [[t] for t in THEN_STAGES])]
+    base = data_overrides(data) + list(args.finetune) + (WIDE_START if args.wide else [])
+    first = args.grid or (WIDE_GRID if args.wide else GRID)
+    then = args.then or [[t] for t in (WIDE_THEN_STAGES if args.wide else THEN_STAGES)]
+    stages = [parse_grid_args(first)] + [parse_grid_args(t) for t in then]
     defaults = {k: config_value(k, base) for stage in stages[1:] for k in stage}
     grid = selection_grid(stages, defaults)
     chosen, dirs = run_ladder(out, data, args.variants, args.pretrain, stages, args.select, base, args.seeds,

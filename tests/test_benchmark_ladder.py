@@ -191,17 +191,16 @@ def fake_val_sweep(scores, ran):
 
 def test_later_stages_vary_one_key_around_the_best_and_keep_it_unless_beaten(bench):
     lr, wu, g = "solver.lr", "solver.warmup_iters", "solver.gamma"
-    scores = {((lr, 0.02),): 5.0, ((lr, 0.04),): 6.0,
-              ((lr, 0.04), (wu, 0)): 5.5, ((lr, 0.04), (wu, 40)): 4.0,  # warm-up: the default stays
-              ((g, 0.3), (lr, 0.04)): 7.0, ((g, 0.5), (lr, 0.04)): 6.5}
+    scores = {((g, 0.1), (lr, 0.02), (wu, 3)): 5.0, ((g, 0.1), (lr, 0.04), (wu, 3)): 6.0,
+              ((g, 0.1), (lr, 0.04), (wu, 0)): 5.5, ((g, 0.1), (lr, 0.04), (wu, 40)): 4.0,  # warm-up: the default stays
+              ((g, 0.3), (lr, 0.04), (wu, 3)): 7.0, ((g, 0.5), (lr, 0.04), (wu, 3)): 6.5}
     ran = []
     defaults = {wu: 3, g: 0.1}
     settings, summaries = bench.select_in_stages(
         [{lr: [0.02, 0.04]}, {wu: [0, 3, 40]}, {g: [0.1, 0.3, 0.5]}], fake_val_sweep(scores, ran), defaults.get)
-    assert settings == {lr: 0.04, g: 0.3}
+    assert settings == {lr: 0.04, wu: 3, g: 0.3}
     assert len(summaries) == 3
-    assert {wu: 3} not in ran and {lr: 0.04, wu: 3} not in ran  # the current value is not run twice
-    assert {lr: 0.04, g: 0.1} not in ran
+    assert ran.count({lr: 0.04, wu: 3, g: 0.1}) == 1  # the current value is not run twice
     with pytest.raises(ValueError, match="one key"):
         bench.select_in_stages([{lr: [0.02]}, {wu: [0], g: [0.3]}], fake_val_sweep(scores, []), defaults.get)
 
@@ -216,7 +215,7 @@ def test_a_default_left_by_a_later_stage_counts_for_the_edge_check(bench):
 
 def test_a_stage_may_revisit_a_key_and_keeps_the_run_names_key_order(bench):
     lr, g = "solver.lr", "solver.gamma"
-    scores = {((lr, 0.02),): 5.0, ((lr, 0.04),): 6.0, ((g, 0.5), (lr, 0.04)): 7.0,
+    scores = {((g, 0.1), (lr, 0.02)): 5.0, ((g, 0.1), (lr, 0.04)): 6.0, ((g, 0.5), (lr, 0.04)): 7.0,
               ((g, 0.5), (lr, 0.02)): 7.5, ((g, 0.5), (lr, 0.08)): 3.0}
     ran = []
     settings, _ = bench.select_in_stages([{lr: [0.02, 0.04]}, {g: [0.1, 0.5]}, {lr: [0.02, 0.04, 0.08]}],
@@ -232,3 +231,22 @@ def test_the_1x_runs_the_answers_need_come_first(bench, monkeypatch, tmp_path):
     bench.run_ladder(tmp_path, tmp_path, list(bench.VARIANTS), [], [{"solver.lr": [0.02]}], ["scratch", "predet"], [],
                      seeds=1, curve_period=0, lanes=1, long_schedule=False)
     assert [e[1] for e in log if e[0] == "final"] == ["scratch", "predet", "cls_only", "supervised", "pretext_only"]
+
+
+def test_every_selection_folder_names_each_searched_key(bench, tmp_path):
+    """A folder's name must say its whole searched setting: with the later stage's key left out
+    of the first grid, ``lr0.04`` would mean another gamma once the config default changed."""
+    lr, g = "solver.lr", "solver.gamma"
+    from predet.sweep import run_name
+    names = []
+
+    def run_grid(grid):
+        points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        names.extend(run_name(p) for p in points)
+        return {"best": {"settings": points[0], "mean": 1.0}}
+
+    for gamma_default in (0.1, 0.5):
+        names.clear()
+        bench.select_in_stages([{lr: [0.02, 0.04]}, {g: [0.3, 0.5]}], run_grid, {g: gamma_default}.get)
+        assert names[:2] == [f"lr0.02_gamma{gamma_default}", f"lr0.04_gamma{gamma_default}"]
+        assert all("gamma" in n for n in names)

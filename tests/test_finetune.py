@@ -41,7 +41,7 @@ def test_named_schedule_scales_with_batch_and_schedule_scale():
     cfg = load_finetune_config(CPU_FINETUNE_CONFIG, ["schedule=1x", "schedule_scale=0.002", "train.batch_size=4"])
     solver = resolve_solver(cfg)
     assert solver.max_iters == 720 and solver.milestones == [480, 640]
-    assert solver.lr == pytest.approx(0.02 * 4 / 16)
+    assert solver.lr == pytest.approx(cfg.solver.lr * 4 / 16)
     full = resolve_solver(load_finetune_config(None, ["schedule=3x", "train.batch_size=16"]))
     assert (full.max_iters, full.milestones) == (270000, [180000, 240000])
 
