@@ -312,13 +312,15 @@ def _stats(summary_path: Path, split: str, metric: str) -> dict | None:
     return settings[0][split].get(metric) if settings else None
 
 
-def answers(out: Path, metric: str = "bbox/AP") -> dict:
-    """The paper's questions, from the final runs' test AP (mean, sample std over seeds)."""
+def answers(dirs: list[Path], metric: str = "bbox/AP") -> dict:
+    """The paper's questions, from the test AP (mean, sample std over seeds) of this
+    invocation's final runs only: a folder left by an earlier plan (3x at other settings, say)
+    would answer with settings the rest of the table did not use."""
     stats = {}
-    for summary_path in sorted((out / "final").glob("*/summary.json")):
-        entry = _stats(summary_path, "test", metric)
+    for run_dir in dirs:
+        entry = _stats(run_dir / "summary.json", "test", metric) if (run_dir / "summary.json").is_file() else None
         if entry:
-            stats[summary_path.parent.name] = entry
+            stats[run_dir.name] = entry
 
     def beats(a, b):
         if a not in stats or b not in stats:
@@ -447,7 +449,7 @@ def main(argv=None) -> int:
                "fashiondet_format_version": json.loads((data / "fashiondet.json").read_text())["format_version"],
                "chosen_settings": chosen, "selection_grid": grid,
                "chosen_at_grid_edge": chosen_at_grid_edge(chosen, grid, defaults),
-               "bbox": answers(out), "mask": answers(out, "segm/AP"),
+               "bbox": answers(dirs), "mask": answers(dirs, "segm/AP"),
                "pretraining": pretraining_diagnostics(out)}
     (results / "answers.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(paths["text"])

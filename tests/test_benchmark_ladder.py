@@ -158,13 +158,16 @@ def test_answers_call_a_win_only_beyond_twice_the_larger_std(bench, tmp_path):
     write_summary(tmp_path, "predet_1x", 7.4, 0.5)  # +3.4 > 2 * 0.5
     write_summary(tmp_path, "pretext_only_1x", 6.8, 0.6)  # predet's +0.6 < 2 * 0.6
     write_summary(tmp_path, "scratch_3x", 9.0, None)  # one seed: no std
-    result = bench.answers(tmp_path)
+    dirs = [tmp_path / "final" / n for n in ("scratch_1x", "predet_1x", "pretext_only_1x", "scratch_3x")]
+    result = bench.answers(dirs)
     assert result["predet_1x_beats_scratch_1x_by_2std"]["wins"] is True
     assert result["predet_1x_beats_pretext_only_1x_by_2std"] == pytest.approx(
         {"gap_ap": 0.6, "two_std": 1.2, "wins": False})
     assert result["pretext_only_1x_beats_scratch_1x_by_2std"]["wins"] is True
     assert result["supervised_1x_beats_scratch_1x_by_2std"] is None  # rung not run
     assert result["predet_1x_reaches_scratch_3x"] is False
+    # A 3x folder an earlier plan left behind does not answer for this one (--no-3x).
+    assert bench.answers(dirs[:3])["predet_1x_reaches_scratch_3x"] is None
 
 
 def test_the_report_reads_the_final_setting_not_a_one_seed_grid_point(bench, tmp_path):

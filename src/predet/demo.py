@@ -28,7 +28,7 @@ BENCHMARK_FINETUNE_CUTS = ["schedule_scale=0.000833333", "model.box_batch_size_p
 
 # "small" is the shipped CPU configs with pre-training cut to a quarter of the recipe's 800
 # iterations and fine-tuning cut like the benchmark's 1x (with the config's 450-iteration 1x the
-# demo was on course for about 40 minutes on 2 cores; with these cuts it takes 23); "tiny" shrinks
+# demo was on course for about 40 minutes on 2 cores; with these cuts it takes 20); "tiny" shrinks
 # everything to a smoke test.
 PROFILES = {
     "small": {"pretrain": ["solver.max_iters=200"], "finetune": BENCHMARK_FINETUNE_CUTS},
