@@ -2,8 +2,10 @@
 query's side in view pixels, beside the share of queries that any anchor can reach (IoU >= 0.5).
 
 A query no anchor reaches can only be found through regression, so the reachable share is the
-ceiling the anchor set puts on the recall. Prints one JSON object. Usage:
-    python benchmarks/crpn_recall_by_size.py CHECKPOINT [--config pretrain/fashiondet_r18_cpu] [--images 64]
+ceiling the anchor set puts on the recall. The model, anchors and views are the checkpoint's
+own (its saved config), so a run with other anchor sizes is measured with its anchors; ``--config``
+only stands in for a checkpoint saved without one. Prints one JSON object. Usage:
+    python benchmarks/crpn_recall_by_size.py CHECKPOINT [--val HELDOUT.jsonl] [--images 64]
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torchvision.ops import box_iou
 
 from predet.models.predet import build_predet
 from predet.pretext import pretext_predictions
-from predet.pretrain import load_pretrain_config, read_vocab
+from predet.config import from_dict
+from predet.pretrain import PretrainConfig, load_pretrain_config, read_vocab
 from predet.views import ViewConfig, make_two_views
 
 SIDES = [(0, 12), (12, 20), (20, 32), (32, 64), (64, 10_000)]
@@ -28,16 +31,21 @@ SIDES = [(0, 12), (12, 20), (20, 32), (32, 64), (64, 10_000)]
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
-    parser.add_argument("--config", default="pretrain/fashiondet_r18_cpu")
-    parser.add_argument("--images", type=int, default=64, help="held-out canvases (data.val), one view pair each")
+    parser.add_argument("--config", default="pretrain/fashiondet_r18_cpu",
+                        help="for a checkpoint saved without its config")
+    parser.add_argument("--val", default="", help="held-out canvases (default: the config's data.val)")
+    parser.add_argument("--images", type=int, default=64, help="held-out canvases, one view pair each")
     args = parser.parse_args(argv)
-    cfg = load_pretrain_config(args.config)
-    views_cfg = cfg.data.views if isinstance(cfg.data.views, ViewConfig) else ViewConfig(**vars(cfg.data.views))
-    model = build_predet(len(read_vocab(cfg.data.vocab)), cfg.model).eval()
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    saved = state.get("config") if isinstance(state, dict) else None
+    cfg = from_dict(PretrainConfig, saved) if saved else load_pretrain_config(args.config)
+    views_cfg = cfg.data.views if isinstance(cfg.data.views, ViewConfig) else ViewConfig(**vars(cfg.data.views))
+    num_classes = len(state.get("extra_state", {}).get("vocab") or read_vocab(cfg.data.vocab))
+    model = build_predet(num_classes, cfg.model).eval()
     model.load_state_dict(state.get("model", state))
-    records = [json.loads(line) for line in open(cfg.data.val)][: args.images]
-    root = Path(cfg.data.val).parent
+    val = Path(args.val or cfg.data.val)
+    records = [json.loads(line) for line in open(val)][: args.images]
+    root = val.parent
     pairs = [make_two_views(Image.open(root / r["image"]).convert("RGB"), 1000 + i, views_cfg)
              for i, r in enumerate(records)]
     batch = {k: torch.stack([p[k] for p in pairs]) for k in ("view1", "view2", "b1", "b2")}
@@ -46,7 +54,8 @@ def main(argv=None) -> dict:
     reachable = box_iou(b2, out["anchors"]).max(1).values >= 0.5
     hit = box_iou(b2, out["top_box"].reshape(-1, 4)).diag() >= 0.5
     side = ((b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])).sqrt()
-    result = {"checkpoint": args.checkpoint, "config": args.config, "queries": len(b2),
+    result = {"checkpoint": args.checkpoint, "config": "saved in the checkpoint" if saved else args.config,
+              "anchor_sizes": list(cfg.model.anchor_sizes), "queries": len(b2),
               "recall@0.5": hit.float().mean().item(), "reachable_by_an_anchor": reachable.float().mean().item(),
               "recall_on_reachable": hit[reachable].float().mean().item(), "by_query_side_px": {}}
     for lo, hi in SIDES:
