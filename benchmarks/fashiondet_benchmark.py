@@ -56,7 +56,7 @@ VARIANTS = {  # name -> overrides ({weak} is the weak set's folder)
 }
 LABELS = {"predet": "PreDet", "supervised": "supervised (clean tags)", "cls_only": "classification-only",
           "pretext_only": "pretext-only", "scratch": "scratch"}
-# The cuts that make the ladder's 21 fine-tuning runs fit a 2-core CPU (README of the results
+# The cuts that make the ladder's fine-tuning runs fit a 2-core CPU (README of the results
 # folder); the demo's small profile fine-tunes with the same cuts.
 FINETUNE_CUTS = list(BENCHMARK_FINETUNE_CUTS)
 # The default selection checks the neighbourhood of the config's lr 0.04, gamma 0.5 (which a
@@ -68,7 +68,7 @@ THEN_STAGES = ["gamma=0.3,0.5,1"]
 # ``--wide``: that search, from the config defaults of its time (lr 0.02, gamma 0.1, warm-up 1000).
 WIDE_GRID = ["lr=0.01,0.02,0.04,0.08"]
 WIDE_THEN_STAGES = ["solver.warmup_iters=0,1000,12000", "gamma=0.1,0.3,0.5,1", "lr=0.01,0.02,0.04,0.08"]
-WIDE_START = ["solver.lr=0.02", "solver.gamma=0.1"]
+WIDE_START = ["solver.gamma=0.1", "solver.warmup_iters=1000"]  # lr: its first stage is a full grid
 
 
 def pretrain_task(out: Path, data: Path, name: str, extra: list[str]):
@@ -350,6 +350,14 @@ def chosen_setting_dir(run_dir: Path) -> Path:
     return run_dir / best["name"]
 
 
+def selection_plan(grid: list[str] | None, then: list[list[str]] | None, wide: bool) -> tuple[list[dict], list[str]]:
+    """The selection stages (``--grid`` then each ``--then``, or the defaults: ``GRID`` and
+    ``THEN_STAGES``, or the wide search's) and the overrides its search starts from."""
+    first = grid or (WIDE_GRID if wide else GRID)
+    later = then or [[t] for t in (WIDE_THEN_STAGES if wide else THEN_STAGES)]
+    return [parse_grid_args(first)] + [parse_grid_args(t) for t in later], list(WIDE_START) if wide else []
+
+
 def selection_grid(stages: list[dict], defaults: dict) -> dict[str, list]:
     """Every value each key was tried at over all stages, its config default included (a later
     stage does not rerun the default: the best setting so far stands for it)."""
@@ -425,10 +433,8 @@ def main(argv=None) -> int:
     out, data, results = Path(args.out), Path(args.data), Path(args.results)
     if not is_current_build(data):
         build_fashiondet(data, size="small", seed=0, overwrite=True)
-    base = data_overrides(data) + list(args.finetune) + (WIDE_START if args.wide else [])
-    first = args.grid or (WIDE_GRID if args.wide else GRID)
-    then = args.then or [[t] for t in (WIDE_THEN_STAGES if args.wide else THEN_STAGES)]
-    stages = [parse_grid_args(first)] + [parse_grid_args(t) for t in then]
+    stages, start = selection_plan(args.grid, args.then, args.wide)
+    base = data_overrides(data) + list(args.finetune) + start
     defaults = {k: config_value(k, base) for stage in stages[1:] for k in stage}
     grid = selection_grid(stages, defaults)
     chosen, dirs = run_ladder(out, data, args.variants, args.pretrain, stages, args.select, base, args.seeds,

@@ -253,3 +253,23 @@ def test_every_selection_folder_names_each_searched_key(bench, tmp_path):
         bench.select_in_stages([{lr: [0.02, 0.04]}, {g: [0.3, 0.5]}], run_grid, {g: gamma_default}.get)
         assert names[:2] == [f"lr0.02_gamma{gamma_default}", f"lr0.04_gamma{gamma_default}"]
         assert all("gamma" in n for n in names)
+
+
+def test_the_wide_search_starts_where_it_first_ran_whatever_the_config_default(bench):
+    """--wide pins gamma 0.1 and warm-up 1000 (the defaults it first ran from), so its folders
+    name those and not the config's gamma 0.5; the default plan starts from the config."""
+    from predet.sweep import run_name
+    grids = []
+
+    def run_grid(grid):
+        grids.append(grid)
+        return {"best": {"settings": {k: v[0] for k, v in grid.items()}, "mean": 1.0}}
+
+    stages, start = bench.selection_plan(None, None, wide=True)
+    bench.select_in_stages(stages, run_grid, lambda k: bench.config_value(k, start))
+    assert [len(stage) for stage in stages] == [1, 1, 1, 1]
+    assert run_name({k: v[0] for k, v in grids[0].items()}) == "lr0.01_warmup_iters1000_gamma0.1"
+    stages, start = bench.selection_plan(None, None, wide=False)
+    grids.clear()
+    bench.select_in_stages(stages, run_grid, lambda k: bench.config_value(k, start))
+    assert start == [] and grids[0] == {"solver.lr": [0.02, 0.04, 0.08], "solver.gamma": [0.5]}
