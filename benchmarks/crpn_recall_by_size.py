@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from predet.models.predet import build_predet
-from predet.pretext import pretext_predictions
 from predet.config import from_dict
-from predet.pretrain import PretrainConfig, load_pretrain_config, read_vocab
+from predet.engine.checkpoint import load_checkpoint
+from predet.pretext import pretext_predictions
+from predet.pretrain import PretrainConfig, build_pretrain_model, load_pretrain_config, read_vocab
 from predet.views import ViewConfig, make_two_views
 
 SIDES = [(0, 12), (12, 20), (20, 32), (32, 64), (64, 10_000)]
@@ -36,12 +36,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--val", default="", help="held-out canvases (default: the config's data.val)")
     parser.add_argument("--images", type=int, default=64, help="held-out canvases, one view pair each")
     args = parser.parse_args(argv)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(args.checkpoint)
     saved = state.get("config") if isinstance(state, dict) else None
     cfg = from_dict(PretrainConfig, saved) if saved else load_pretrain_config(args.config)
     views_cfg = cfg.data.views if isinstance(cfg.data.views, ViewConfig) else ViewConfig(**vars(cfg.data.views))
     num_classes = len(state.get("extra_state", {}).get("vocab") or read_vocab(cfg.data.vocab))
-    model = build_predet(num_classes, cfg.model).eval()
+    model = build_pretrain_model(cfg, num_classes).eval()
     model.load_state_dict(state.get("model", state))
     val = Path(args.val or cfg.data.val)
     records = [json.loads(line) for line in open(val)][: args.images]
