@@ -212,7 +212,8 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tmp
 def _toy_run(tmp_path, name="run", **kw):
     from test_engine import solver_cfg, train_cfg
 
-    return solver_cfg(**kw), train_cfg(tmp_path, name, checkpoint_period=5)
+    # every checkpoint kept: these tests damage the newest and need the older ones
+    return solver_cfg(**kw), train_cfg(tmp_path, name, checkpoint_period=5, keep_checkpoints=0)
 
 
 def _toy_straight_and_crashed(tmp_path):

@@ -10,6 +10,11 @@ import sys
 from predet.config import ConfigError
 
 
+def _main_process() -> bool:
+    """Rank 0 under torchrun (read from its environment: the group is gone once a verb returns)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file, or a shipped config by name, e.g. finetune/fashiondet_r18_cpu")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. solver.lr=0.01")
@@ -19,38 +24,55 @@ def _add_print_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
 
 
-def print_config(cfg, solver=None) -> None:
-    """The config a run would use (file + preset + overrides), as YAML it can be re-run from."""
+def print_config(cfg, solver, scaled_by: str) -> None:
+    """The config a run would use (file + preset + overrides), as YAML it can be re-run from,
+    and what its solver resolves to at the real total batch (rank 0 of a launched group prints)."""
     import yaml
 
     from predet.config import to_dict
+    from predet.engine.distributed import get_world_size
 
+    if not _main_process():
+        return
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    if solver is not None and solver != cfg.solver:
+    world = get_world_size()
+    batch = f"batch {cfg.train.batch_size * world} ({cfg.train.batch_size} per process x {world} process" \
+            f"{'es' if world > 1 else ''})"
+    if solver != cfg.solver:
         solved = ", ".join(f"{k}={v}" for k, v in to_dict(solver).items() if getattr(cfg.solver, k) != v)
-        print(f"# schedule={cfg.schedule} at batch {cfg.train.batch_size} (per process) runs: {solved}")
+        print(f"# {scaled_by} at {batch} runs: {solved}")
+    else:
+        print(f"# runs the solver as given, at {batch}")
 
 
 def cmd_pretrain(args) -> None:
-    from predet.pretrain import load_pretrain_config, pretrain
+    from predet.engine.launch import launched
+    from predet.pretrain import load_pretrain_config, pretrain, resolve_solver
 
     cfg = load_pretrain_config(args.config, args.overrides)
     if args.print_config:
-        return print_config(cfg)
+        with launched(cfg.train.device):
+            return print_config(cfg, resolve_solver(cfg), f"reference_batch={cfg.reference_batch}")
     result = pretrain(cfg)
+    if not _main_process():
+        return
     print(f"pre-training finished at iteration {result.iteration}; checkpoint: {result.last_checkpoint}")
     if result.skipped:
         print(f"{result.skipped} image(s) could not be read and were skipped: see {result.run_dir / 'skipped.jsonl'}")
 
 
 def cmd_finetune(args) -> None:
+    from predet.engine.launch import launched
     from predet.finetune import finetune, load_finetune_config, resolve_solver, resolved_config
 
     cfg = load_finetune_config(args.config, args.overrides)
     if args.print_config:
-        resolved = resolved_config(cfg)
-        return print_config(resolved, resolve_solver(resolved))
+        with launched(cfg.train.device):
+            resolved = resolved_config(cfg)
+            return print_config(resolved, resolve_solver(resolved), f"schedule={cfg.schedule}")
     out = finetune(cfg)
+    if not _main_process():
+        return
     print(f"fine-tuning finished at iteration {out.train.iteration}; results: {out.results_path}")
     for split in ("val", "test"):
         if split in out.results:
@@ -62,19 +84,22 @@ def cmd_eval(args) -> None:
     from predet.finetune import evaluate_checkpoint
 
     evaluation = evaluate_checkpoint(args.checkpoint, args.data, args.images, args.kind, args.device,
-                                     args.batch_size, args.visualize, args.out)
-    print(format_metrics(evaluation.metrics))
-    print(format_per_category(evaluation.per_category))
+                                     args.batch_size, args.visualize, args.out, args.num_workers)
+    if _main_process():
+        print(format_metrics(evaluation.metrics))
+        print(format_per_category(evaluation.per_category))
 
 
 def cmd_predict(args) -> None:
     from predet.predict import predict
 
     out = predict(args.checkpoint, args.images, args.out, args.score_thresh, args.image_root, args.device,
-                  args.batch_size, args.visualize, progress=not args.no_progress)
-    print(f"{out.detections} detections on {out.images} images: {out.results_path} (images: {out.image_info_path})")
-    if out.drawings:
-        print(f"drawings: {out.drawings[0].parent}")
+                  args.batch_size, args.visualize, progress=not args.no_progress, num_workers=args.num_workers)
+    if _main_process():
+        print(f"{out.detections} detections on {out.images} images: {out.results_path} "
+              f"(images: {out.image_info_path})")
+        if out.drawings:
+            print(f"drawings: {out.drawings[0].parent}")
 
 
 def cmd_export(args) -> None:
@@ -166,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="", help="image folder (default: the checkpoint's val_images)")
     p.add_argument("--kind", default="", choices=["", "coco", "lvis"], help="default: the checkpoint's")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2, help="images per batch (per process under torchrun)")
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers per process")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="write N PNGs of predictions")
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
     p.set_defaults(func=cmd_eval)
@@ -179,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this "
                    "(default: the checkpoint's model.score_thresh)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2, help="images per batch (per process under torchrun)")
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers per process")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="draw the first N images' detections")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
@@ -275,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         line = user_error_line(exc)
         if line is None:
             raise
-        print(f"predet {args.verb}: error: {line}", file=sys.stderr)
+        rank = "" if _main_process() else f"rank {os.environ['RANK']}: "  # under torchrun: which process
+        print(f"predet {args.verb}: error: {rank}{line}", file=sys.stderr)
         return 2
 
 

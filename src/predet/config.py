@@ -39,7 +39,7 @@ class SolverConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     clip_grad_norm: float = 0.0  # 0 disables clipping
-    amp: str = "none"  # "none", "bf16" or "fp16"; only used on CUDA
+    amp: str = "none"  # "none", "bf16" (CUDA or CPU autocast) or "fp16" (with a GradScaler)
 
 
 @dataclass
@@ -52,6 +52,9 @@ class TrainConfig:
     batch_size: int = 4  # images per process per iteration
     num_workers: int = 0
     checkpoint_period: int = 500
+    # Newest periodic checkpoints kept (0: all); model_final.pth is never removed. Two or more
+    # leave a fallback when the newest is damaged.
+    keep_checkpoints: int = 3
     log_period: int = 20
     eval_period: int = 0  # 0 disables periodic evaluation
     resume: bool = False
@@ -60,6 +63,23 @@ class TrainConfig:
     progress: bool = True
     # Stop the run when more than this fraction of image reads fail (0.1: 10 %).
     max_skipped_fraction: float = 0.1
+
+
+# Keys that say how a run is executed, not what it trains: they may change when a run is
+# resumed, and runs that differ only in them are the same setting.
+RUN_ONLY_KEYS = (
+    "train.resume",
+    "train.progress",
+    "train.num_workers",
+    "train.run_dir",
+    "train.log_period",
+    "train.checkpoint_period",
+    "train.keep_checkpoints",
+    "train.max_skipped_fraction",
+    "eval.batch_size",
+    "eval.num_workers",
+    "eval.visualize",
+)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -202,8 +222,21 @@ def shipped_config(name: str | Path):
     return resource if resource.is_file() else None
 
 
-def load_yaml(path: str | Path) -> dict:
-    """A YAML file, or a shipped config by name when no such file exists."""
+BASE_KEY = "_base_"  # a config that is another one plus changes names it here
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` laid over it, mappings merged key by key (lists replaced)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML file, or a shipped config by name when no such file exists. A ``_base_: NAME``
+    entry (a path beside the file, or a shipped config) is loaded first and the rest laid over it,
+    as MMDetection's ``_base_`` does, so a pilot or variant config states only what differs."""
     source = Path(path) if Path(path).is_file() else shipped_config(path)
     if source is None:
         raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})")
@@ -213,7 +246,16 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return data
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY} must name a config file, got {base!r}")
+    beside = Path(str(source)).parent / base
+    parent = str(beside) if beside.is_file() else base
+    if str(source) in _seen:
+        raise ConfigError(f"{path}: {BASE_KEY} chain loops back to {source}")
+    return merge(load_yaml(parent, (*_seen, str(source))), data)
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()):

@@ -338,9 +338,18 @@ def export_metadata(cfg: DetectorConfig, detector: nn.Module, cat_ids=(), class_
 
 def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, formats=FORMATS,
                       arch: str = "mask_rcnn") -> list[Path]:
-    """``predet export``: a pre-training checkpoint (its transferable parts) or a whole fine-tuned detector."""
-    with fresh_output(out_dir):
-        return _export_checkpoint(checkpoint_path, out_dir, formats, arch)
+    """``predet export``: a pre-training checkpoint (its transferable parts) or a whole fine-tuned
+    detector. Under torchrun rank 0 writes and the others wait for it (they return no paths)."""
+    from predet.engine.distributed import barrier
+    from predet.engine.launch import launched
+
+    with launched("cpu", "export") as where:
+        paths = []
+        if where.is_main:
+            with fresh_output(out_dir):
+                paths = _export_checkpoint(checkpoint_path, out_dir, formats, arch)
+        barrier()
+    return paths
 
 
 def _export_checkpoint(checkpoint_path, out_dir, formats, arch) -> list[Path]:

@@ -51,9 +51,10 @@ from predet.detection.schedules import resolve_schedule, scale_lr
 from predet.detection.transfer import init_layout, load_init_weights
 from predet.engine.checkpoint import load_checkpoint
 from predet.engine.optim import check_solver, param_groups
-from predet.engine.distributed import cleanup, get_rank, get_world_size, is_main_process
+from predet.engine.distributed import barrier, get_rank, get_world_size, is_main_process
+from predet.engine.launch import launched
 from predet.engine.runfolder import fresh_output, run_folder
-from predet.engine.trainer import TrainResult, check_train_config, resolve_device, train
+from predet.engine.trainer import TrainResult, check_train_config, train
 from predet.errors import CheckpointError
 from predet.models.backbone import BACKBONES
 from predet.runlog import run_log
@@ -86,6 +87,7 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 2
+    num_workers: int = 0  # loader workers of each rank's share of an evaluation
     visualize: int = 0  # PNGs of predictions written at the end
 
 
@@ -120,11 +122,13 @@ def load_finetune_config(path=None, overrides=()) -> FinetuneConfig:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
 
 
-def resolve_solver(cfg: FinetuneConfig, world_size: int = 1) -> SolverConfig:
-    """The solver actually run: a named schedule and its lr scaled to the real batch size.
+def resolve_solver(cfg: FinetuneConfig, world_size: int | None = None) -> SolverConfig:
+    """The solver actually run: a named schedule and its lr scaled to the real batch size,
+    ``train.batch_size`` x the processes (by default those of the launched process group).
 
     A named schedule sets the iterations and milestones, so giving them as well is an error
     rather than silently ignored."""
+    world_size = get_world_size() if world_size is None else world_size
     if not cfg.schedule:
         return cfg.solver
     full = resolve_schedule(cfg.schedule)  # an unknown name is the first thing to say
@@ -150,12 +154,15 @@ def mask_head_groups(detector, lr_mf: float) -> dict[str, float]:
 
 
 def training_annotations(cfg: FinetuneConfig, run_dir: Path) -> str:
-    """The training json, or the deterministic N-image subset of it written into the run."""
+    """The training json, or the deterministic N-image subset of it written into the run by
+    rank 0 (anew at every start, so a changed ``data.train`` is never met by a stale subset);
+    the other ranks wait for it."""
     if not cfg.data.subset:
         return cfg.data.train
     out = subset_path(cfg.data.train, cfg.data.subset, cfg.data.subset_seed, run_dir / "data")
-    if not Path(out).exists() and is_main_process():
+    if is_main_process():
         write_subset(cfg.data.train, cfg.data.subset, cfg.data.subset_seed, out)
+    barrier()
     return str(out)
 
 
@@ -167,25 +174,33 @@ def build_train_loader(dataset, cfg: FinetuneConfig, start_iter: int):
         sampler = RepeatFactorBatchSampler(factors, cfg.train.batch_size, cfg.train.seed, start_iter, rank, world)
     else:
         sampler = DeterministicBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, start_iter, rank, world)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate_detection)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate_detection,
+                      pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
+
+
+def evaluate(detector, dataset, cfg: FinetuneConfig, device, progress: bool = False) -> Evaluation:
+    """``dataset`` scored with the run's evaluation settings: every rank runs its share."""
+    return evaluate_dataset_full(detector, dataset, device, cfg.eval.batch_size, cfg.eval.num_workers,
+                                 progress=progress)
 
 
 class PeriodicEvaluation:
-    """Evaluates on the validation split every ``period`` iterations: metrics and per-category
-    AP to evals.jsonl, detections to ``inference/val_iterNNNNNNN/`` as a COCO results file."""
+    """Evaluates on the validation split every ``period`` iterations, on every rank (each runs its
+    share of the images): metrics and per-category AP to evals.jsonl, detections to
+    ``inference/val_iterNNNNNNN/`` as a COCO results file (rank 0 writes)."""
 
     def __init__(self, dataset, cfg: FinetuneConfig, period: int):
         self.dataset, self.cfg, self.period = dataset, cfg, period
 
     def after_step(self, state):
-        if state.rank != 0 or state.iteration % self.period or state.iteration == state.max_iters:
+        if state.iteration % self.period or state.iteration == state.max_iters:
             return
-        evaluation = evaluate_dataset_full(state.model, self.dataset, state.device, self.cfg.eval.batch_size,
-                                           progress=False)
+        evaluation = evaluate(state.model, self.dataset, self.cfg, state.device)
         metrics = evaluation.metrics
-        write_coco_results(evaluation.results,
-                           Path(state.run_dir) / "inference" / f"val_iter{state.iteration:07d}" / RESULTS_FILE)
-        record_evaluation(state.run_dir, state.iteration, "val", metrics, evaluation.per_category)
+        if state.rank == 0:
+            write_coco_results(evaluation.results,
+                               Path(state.run_dir) / "inference" / f"val_iter{state.iteration:07d}" / RESULTS_FILE)
+            record_evaluation(state.run_dir, state.iteration, "val", metrics, evaluation.per_category)
         state.writer.write({"iteration": state.iteration, **{f"val/{k}": v for k, v in metrics.items()}})
         state.metrics.update({f"val/{k}": v for k, v in metrics.items()})
 
@@ -239,25 +254,29 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown; choose one of "
                           f"{', '.join(BACKBONES)}")
     check_train_config(cfg.train)
+    if cfg.eval.batch_size <= 0 or cfg.eval.num_workers < 0:
+        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size}, eval.num_workers={cfg.eval.num_workers}: "
+                          "the batch size must be positive and the workers >= 0")
     try:
         check_solver(resolve_solver(cfg))
     except ConfigError:
         raise
     except ValueError as exc:  # an unknown schedule name, a bad schedule_scale
         raise ConfigError(f"schedule={cfg.schedule!r}: {exc}") from None
-    resolve_device(cfg.train.device)
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune a detector from ``cfg.init`` and evaluate it; results.json and log.txt land in
-    the run dir, which the run holds (a lock) while it trains."""
-    check_finetune_config(cfg)
-    run_dir = Path(cfg.train.run_dir)
-    with run_folder(run_dir, "fine-tuning"), run_log(run_dir):
-        cfg, notes = scratch_settings(cfg)
-        for note in notes:
-            logger.warning("init=%s: %s", cfg.init, note)
-        return _finetune(cfg, run_dir)
+    the run dir, which the run holds (a lock) while it trains. Under torchrun the process group
+    is joined first, so the schedule resolves at the real total batch."""
+    with launched(cfg.train.device):
+        check_finetune_config(cfg)
+        run_dir = Path(cfg.train.run_dir)
+        with run_folder(run_dir, "fine-tuning"), run_log(run_dir):
+            cfg, notes = scratch_settings(cfg)
+            for note in notes:
+                logger.warning("init=%s: %s", cfg.init, note)
+            return _finetune(cfg, run_dir)
 
 
 def match_init_layout(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -293,41 +312,39 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
     if is_main_process():
         (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
 
-    solver = resolve_solver(cfg, get_world_size())
+    solver = resolve_solver(cfg)
     groups = mask_head_groups(detector, cfg.optim.lr_mf)
     hooks = [PeriodicEvaluation(val_set, cfg, cfg.train.eval_period)] if val_set and cfg.train.eval_period else []
-    try:
-        result = train(
-            detector, lambda start: iter(build_train_loader(train_set, cfg, start)), solver, train_cfg,
-            extra_state={"kind": "predet_finetune", "cat_ids": list(train_set.cat_ids),
-                         "category_names": list(train_set.category_names)},
-            param_groups=partial(param_groups, lr_mults=groups) if groups else None,
-            hooks=hooks, config_dict=to_dict(cfg),
-        )
-        results_path = run_dir / "results.json"
-        done = json.loads(results_path.read_text()) if results_path.exists() else {}
-        if done.get("iteration") == result.iteration:  # a resumed run that had already finished
-            return FinetuneResult(result, done, results_path)
-        results = {"iteration": result.iteration, "init": cfg.init, "schedule": cfg.schedule,
-                   "solver": to_dict(solver), "train_data": train_set.stats,
-                   "skipped_images": {"count": result.skipped,
-                                      "list": str(run_dir / "skipped.jsonl") if result.skipped else None}}
+    result = train(
+        detector, lambda start: iter(build_train_loader(train_set, cfg, start)), solver, train_cfg,
+        extra_state={"kind": "predet_finetune", "cat_ids": list(train_set.cat_ids),
+                     "category_names": list(train_set.category_names)},
+        param_groups=partial(param_groups, lr_mults=groups) if groups else None,
+        hooks=hooks, config_dict=to_dict(cfg),
+    )
+    results_path = run_dir / "results.json"
+    done = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if done.get("iteration") == result.iteration:  # a resumed run that had already finished
+        return FinetuneResult(result, done, results_path)
+    results = {"iteration": result.iteration, "init": cfg.init, "schedule": cfg.schedule,
+               "solver": to_dict(solver), "processes": get_world_size(), "train_data": train_set.stats,
+               "skipped_images": {"count": result.skipped,
+                                  "list": str(run_dir / "skipped.jsonl") if result.skipped else None}}
+    device = next(detector.parameters()).device
+    for split, dataset in (("val", val_set), ("test", _test_set(cfg, masks))):
+        if dataset is None:
+            continue
+        evaluation = evaluate(detector, dataset, cfg, device, progress=cfg.train.progress)
+        results[split] = evaluation.metrics
+        results.setdefault("per_category", {})[split] = evaluation.per_category
         if is_main_process():
-            device = resolve_device(cfg.train.device)
-            for split, dataset in (("val", val_set), ("test", _test_set(cfg, masks))):
-                if dataset is None:
-                    continue
-                evaluation = evaluate_dataset_full(detector, dataset, device, cfg.eval.batch_size,
-                                                   progress=cfg.train.progress)
-                results[split] = evaluation.metrics
-                results.setdefault("per_category", {})[split] = evaluation.per_category
-                write_coco_results(evaluation.results, run_dir / "inference" / split / RESULTS_FILE)
-                record_evaluation(run_dir, result.iteration, split, evaluation.metrics, evaluation.per_category)
-            if cfg.eval.visualize and val_set is not None:
-                visualize(detector, val_set, cfg.eval.visualize, run_dir / "visualize", device)
-            write_results_json(results, results_path)
-    finally:
-        cleanup()
+            write_coco_results(evaluation.results, run_dir / "inference" / split / RESULTS_FILE)
+            record_evaluation(run_dir, result.iteration, split, evaluation.metrics, evaluation.per_category)
+    if is_main_process():
+        if cfg.eval.visualize and val_set is not None:
+            visualize(detector, val_set, cfg.eval.visualize, run_dir / "visualize", device)
+        write_results_json(results, results_path)
+    barrier()  # results.json is on disk before any rank reports the run finished
     return FinetuneResult(result, results, results_path)
 
 
@@ -354,24 +371,32 @@ def detector_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint"):
 
 
 def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "", device: str = "auto",
-                        batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None) -> Evaluation:
+                        batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None,
+                        num_workers: int = 2, progress: bool = True) -> Evaluation:
     """``predet eval``: a fine-tuned checkpoint on a COCO/LVIS json. Writes ``eval_results.json``
-    (metrics and per-category AP) and ``coco_instances_results.json`` into ``out_dir``."""
-    detector, cfg, extra = load_detector(checkpoint)
-    dataset = build_detection_dataset(data, images or cfg.data.val_images, kind or cfg.data.kind,
-                                      masks=cfg.model.arch == "mask_rcnn")
-    if list(dataset.cat_ids) != list(extra["cat_ids"]):
-        raise AnnotationError(f"{data}: categories {list(dataset.cat_ids)} differ from the checkpoint's "
-                              f"{extra['cat_ids']}; evaluate on data with the training categories")
-    dev = resolve_device(device)
-    detector.to(dev)
-    evaluation = evaluate_dataset_full(detector, dataset, dev, batch_size)
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent
-    with fresh_output(out):
-        out.mkdir(parents=True, exist_ok=True)
-        write_results_json({"checkpoint": str(checkpoint), "data": str(data), **evaluation.metrics,
-                            "per_category": evaluation.per_category}, out / "eval_results.json")
-        write_coco_results(evaluation.results, out / RESULTS_FILE)
-        if visualize_n:
-            visualize(detector, dataset, visualize_n, out / "visualize", dev)
+    (metrics and per-category AP) and ``coco_instances_results.json`` into ``out_dir``. Under
+    torchrun every rank runs its share of the images and rank 0 scores and writes them."""
+    if batch_size <= 0 or num_workers < 0:
+        raise ConfigError(f"--batch-size {batch_size}, --num-workers {num_workers}: the batch size must be "
+                          "positive and the workers >= 0")
+    with launched(device, "--device") as where:
+        detector, cfg, extra = load_detector(checkpoint)
+        dataset = build_detection_dataset(data, images or cfg.data.val_images, kind or cfg.data.kind,
+                                          masks=cfg.model.arch == "mask_rcnn")
+        if list(dataset.cat_ids) != list(extra["cat_ids"]):
+            raise AnnotationError(f"{data}: categories {list(dataset.cat_ids)} differ from the checkpoint's "
+                                  f"{extra['cat_ids']}; evaluate on data with the training categories")
+        detector.to(where.device)
+        evaluation = evaluate_dataset_full(detector, dataset, where.device, batch_size, num_workers,
+                                           progress=progress)
+        out = Path(out_dir) if out_dir else Path(checkpoint).parent
+        if where.is_main:
+            with fresh_output(out):
+                out.mkdir(parents=True, exist_ok=True)
+                write_results_json({"checkpoint": str(checkpoint), "data": str(data), **evaluation.metrics,
+                                    "per_category": evaluation.per_category}, out / "eval_results.json")
+                write_coco_results(evaluation.results, out / RESULTS_FILE)
+                if visualize_n:
+                    visualize(detector, dataset, visualize_n, out / "visualize", where.device)
+        barrier()
     return evaluation

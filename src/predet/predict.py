@@ -14,16 +14,15 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from predet.config import ConfigError
 from predet.detection.evaluation import (
     RESULTS_FILE,
-    _collate,
     _eval_mode,
     draw_detections,
-    run_inference,
+    inference_on_dataset,
     write_coco_results,
     write_results_json,
 )
@@ -61,7 +60,7 @@ def info_records(path: Path) -> list[dict]:
 
 
 class ImageRecords(Dataset):
-    """Images of COCO records as (tensor in 0..1, {"image_id"}), the detection datasets' layout;
+    """Images of COCO records as (uint8 tensor, {"image_id"}), the detection datasets' layout;
     carries the detector's ``cat_ids`` so inference maps labels to category ids."""
 
     def __init__(self, records: list[dict], root: Path, cat_ids, category_names):
@@ -79,7 +78,7 @@ class ImageRecords(Dataset):
                 image = im.convert("RGB")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read image {record['id']} ({exc})") from None
-        return pil_to_tensor(image).float().div_(255.0), {"image_id": int(record["id"])}
+        return pil_to_tensor(image), {"image_id": int(record["id"])}
 
 
 def set_score_thresh(detector, score_thresh: float) -> None:
@@ -100,11 +99,17 @@ class PredictResult:
 
 
 def predict(checkpoint, images, out_dir, score_thresh: float | None = None, image_root=None,
-            device: str = "auto", batch_size: int = 2, visualize_n: int = 0, progress: bool = True) -> PredictResult:
-    """Detections of a ``predet finetune`` checkpoint for a folder of images or an image-info json."""
-    from predet.engine.trainer import resolve_device
+            device: str = "auto", batch_size: int = 2, visualize_n: int = 0, progress: bool = True,
+            num_workers: int = 2) -> PredictResult:
+    """Detections of a ``predet finetune`` checkpoint for a folder of images or an image-info json.
+    Under torchrun every rank runs its share of the images; rank 0 gathers and writes them."""
+    from predet.engine.distributed import barrier
+    from predet.engine.launch import launched
     from predet.finetune import load_detector
 
+    if batch_size <= 0 or num_workers < 0:
+        raise ConfigError(f"--batch-size {batch_size}, --num-workers {num_workers}: the batch size must be "
+                          "positive and the workers >= 0")
     source = Path(images)
     if source.is_dir():
         records, root = folder_records(source), source
@@ -112,23 +117,26 @@ def predict(checkpoint, images, out_dir, score_thresh: float | None = None, imag
         records, root = info_records(source), Path(image_root) if image_root else source.parent
     else:
         raise ConfigError(f"{images}: no such image folder or image-info json")
-    detector, cfg, extra = load_detector(checkpoint)
-    if score_thresh is not None:
-        set_score_thresh(detector, score_thresh)
-    names = list(extra.get("category_names") or [str(c) for c in extra["cat_ids"]])
-    dataset = ImageRecords(records, root, extra["cat_ids"], names)
-    dev = resolve_device(device)
-    detector.to(dev)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
-    results, _ = run_inference(detector, loader, dev, progress)
-    if score_thresh is not None:
-        results = [r for r in results if r["score"] >= score_thresh]
-    out = Path(out_dir)
-    results_path = write_coco_results(results, out / RESULTS_FILE)
-    categories = [{"id": int(c), "name": n} for c, n in zip(extra["cat_ids"], names)]
-    info_path = write_results_json({"images": records, "categories": categories}, out / "image_info.json")
-    drawings = draw_predictions(detector, dataset, visualize_n, out / "visualize", dev,
-                                0.5 if score_thresh is None else score_thresh)
+    with launched(device, "--device") as where:
+        detector, cfg, extra = load_detector(checkpoint)
+        if score_thresh is not None:
+            set_score_thresh(detector, score_thresh)
+        names = list(extra.get("category_names") or [str(c) for c in extra["cat_ids"]])
+        dataset = ImageRecords(records, root, extra["cat_ids"], names)
+        detector.to(where.device)
+        run = inference_on_dataset(detector, dataset, where.device, batch_size, num_workers, progress)
+        results = run.results
+        if score_thresh is not None:
+            results = [r for r in results if r["score"] >= score_thresh]
+        out = Path(out_dir)
+        results_path, info_path, drawings = out / RESULTS_FILE, out / "image_info.json", []
+        if where.is_main:
+            write_coco_results(results, results_path)
+            categories = [{"id": int(c), "name": n} for c, n in zip(extra["cat_ids"], names)]
+            write_results_json({"images": records, "categories": categories}, info_path)
+            drawings = draw_predictions(detector, dataset, visualize_n, out / "visualize", where.device,
+                                        0.5 if score_thresh is None else score_thresh)
+        barrier()
     return PredictResult(results_path, info_path, len(records), len(results), drawings)
 
 

@@ -18,8 +18,11 @@ import logging
 import torch
 from torchvision.ops import box_iou
 
-from predet.models.contrastive import pairwise_iou
+from torch.utils.data import DataLoader
+
+from predet.engine.distributed import broadcast_from_main, gather_to_main
 from predet.engine.trainer import move_to_device
+from predet.models.contrastive import pairwise_iou
 
 logger = logging.getLogger(__name__)
 
@@ -89,52 +92,59 @@ def pretext_predictions(model, batch: dict) -> dict:
     anchors = model.anchors(view2, fpn2)
     boxes, _ = model.proposals(trunk, dw, db, scores, anchors, size, 1)
     targets = model.embed_boxes(fpn2, b2, size)
-    sim = model.roi_head.embed(z) @ model.roi_head.embed(targets).T
+    sim = model.roi_head.similarity(model.roi_head.embed(z), model.roi_head.embed(targets))
     image = torch.arange(n, device=b2.device).repeat_interleave(q)
     flat = b2.reshape(-1, 4)
     positive = (box_iou(flat, flat) >= model.roi_head.pos_iou) & (image[:, None] == image[None, :])
     return {"top_box": boxes[:, :, 0], "sim": sim, "positive": positive, "anchors": anchors}
 
 
+def pretext_values(model, batch: dict) -> dict[str, float]:
+    """One held-out batch's CRPN recall@0.5 and contrastive top-1, each beside its floor:
+    recall with another query's box and with the best fixed anchor; top-1 by chance."""
+    out = pretext_predictions(model, batch)
+    b2 = batch["b2"]
+    return {
+        "crpn_recall@0.5": recall_at_iou(out["top_box"], b2),
+        "crpn_recall@0.5_other_query": recall_at_iou(other_query_boxes(out["top_box"]), b2),
+        "crpn_recall@0.5_best_anchor": best_fixed_anchor_recall(out["anchors"], b2),
+        "nce_top1": top1_accuracy(out["sim"], out["positive"]),
+        "nce_top1_chance": chance_top1(out["positive"]),
+    }
+
+
+def mean_over_batches(values: list[dict[str, float]]) -> dict:
+    """``pretext/NAME``: each signal's mean over the batches (every batch weighs the same)."""
+    if not values:
+        return {}
+    return {f"pretext/{k}": sum(v[k] for v in values) / len(values) for k in values[0]}
+
+
+def weak_label_signals(scores: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Held-out weak-label mAP over the vocabulary (whole images, true tags) and its floor."""
+    return {"pretext/cls_mAP": mean_average_precision(scores, targets),
+            "pretext/cls_mAP_constant": constant_predictor_map(targets)}
+
+
+@torch.no_grad()
+def weak_label_scores(model, batch: dict) -> torch.Tensor:
+    c5, _ = model.features(batch["image"], fpn=False)
+    return model.cls_head(c5).float()
+
+
 @torch.no_grad()
 def evaluate_pretext(model, batches) -> dict:
-    """CRPN recall@0.5 and contrastive top-1 on held-out pairs, each beside its floor:
-    recall with another query's box and with the best fixed anchor; top-1 by chance."""
-    sums: dict[str, float] = {}
-    count = 0
-    for batch in batches:
-        if not batch.get("num_images"):
-            continue
-        out = pretext_predictions(model, batch)
-        b2 = batch["b2"]
-        values = {
-            "crpn_recall@0.5": recall_at_iou(out["top_box"], b2),
-            "crpn_recall@0.5_other_query": recall_at_iou(other_query_boxes(out["top_box"]), b2),
-            "crpn_recall@0.5_best_anchor": best_fixed_anchor_recall(out["anchors"], b2),
-            "nce_top1": top1_accuracy(out["sim"], out["positive"]),
-            "nce_top1_chance": chance_top1(out["positive"]),
-        }
-        for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value
-        count += 1
-    return {f"pretext/{k}": v / count for k, v in sums.items()} if count else {}
+    """:func:`pretext_values` averaged over held-out two-view batches (one process)."""
+    return mean_over_batches([pretext_values(model, b) for b in batches if b.get("num_images")])
 
 
 @torch.no_grad()
 def evaluate_weak_labels(model, batches) -> dict:
-    """Held-out weak-label mAP over the vocabulary (whole images, true tags) and its floor."""
-    scores, targets = [], []
-    for batch in batches:
-        if not batch.get("num_images"):
-            continue
-        c5, _ = model.features(batch["image"], fpn=False)
-        scores.append(model.cls_head(c5))
-        targets.append(batch["labels"])
-    if not scores:
+    """:func:`weak_label_signals` over held-out whole-image batches (one process)."""
+    pairs = [(weak_label_scores(model, b), b["labels"]) for b in batches if b.get("num_images")]
+    if not pairs:
         return {}
-    scores, targets = torch.cat(scores), torch.cat(targets)
-    return {"pretext/cls_mAP": mean_average_precision(scores, targets),
-            "pretext/cls_mAP_constant": constant_predictor_map(targets)}
+    return weak_label_signals(torch.cat([s.cpu() for s, _ in pairs]), torch.cat([t.cpu() for _, t in pairs]))
 
 
 def _part(name: str) -> str:
@@ -168,52 +178,85 @@ def weight_change(checkpoint) -> dict[str, float]:
     return {part: (moved[part] / norm[part]) ** 0.5 if norm[part] else float("nan") for part in moved}
 
 
+def fixed_batches(keys: list, batch_size: int) -> list[list]:
+    """``keys`` cut into consecutive batches: the same batches for any number of processes."""
+    return [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+
+
 class PretextDiagnosticsHook:
     """Logs the pretext diagnostics on fixed held-out data every ``period`` iterations.
 
-    ``pairs``: two-view samples (fixed seeds, so every evaluation sees the same views).
-    ``images``: whole images with their true tags, for the weak-label mAP (optional).
+    ``pairs``: a map-style set of two-view samples, read as ``pairs[(i, 10_000 + i)]`` (fixed
+    seeds, so every evaluation sees the same views) for its first ``num_pairs`` items.
+    ``images``: whole images with their true tags, for the weak-label mAP (optional). Both are
+    bounded and decoded when read, by loader workers, never kept in memory; their fixed batches
+    are shared out over the ranks (batch k on rank k % world), the per-batch results gathered on
+    rank 0 and combined in batch order, so any number of processes logs the same numbers.
     """
 
-    def __init__(self, pairs, collate, period: int, num_images: int = 32, batch_size: int = 8, images=None,
-                 collate_images=None):
-        count = min(num_images, len(pairs))
-        self.batches = [
-            collate([pairs[(i, 10_000 + i)] for i in range(start, min(start + batch_size, count))])
-            for start in range(0, count, batch_size)
-        ]
-        self.image_batches = [] if images is None else [
-            collate_images([images[i] for i in range(start, min(start + 32, len(images)))])
-            for start in range(0, len(images), 32)
-        ]
-        self.period = period
+    def __init__(self, pairs, collate, period: int, num_pairs: int = 32, batch_size: int = 8, images=None,
+                 collate_images=None, image_batch_size: int = 32, num_workers: int = 0):
+        count = min(num_pairs, len(pairs))
+        self.pairs, self.images = pairs, images
+        self.pair_batches = fixed_batches([(i, 10_000 + i) for i in range(count)], batch_size)
+        self.image_batches = [] if images is None else fixed_batches(list(range(len(images))), image_batch_size)
+        self.collate, self.collate_images = collate, collate_images
+        self.period, self.num_workers = period, num_workers
         self.last = {}
 
-    def run(self, model, device) -> dict:
+    def _my_batches(self, dataset, batches, collate, device, rank: int, world: int):
+        """(k, batch on ``device``) for the batches k of this rank."""
+        mine = list(range(rank, len(batches), world))
+        if not mine:
+            return
+        loader = DataLoader(dataset, batch_sampler=[batches[k] for k in mine], collate_fn=collate,
+                            num_workers=self.num_workers, pin_memory=device.type == "cuda")
+        for k, batch in zip(mine, loader):
+            yield k, move_to_device(batch, device)
+
+    @torch.no_grad()
+    def run(self, model, device, rank: int = 0, world: int = 1) -> dict:
+        """A collective when ``world`` > 1: every rank must call it; every rank gets the result."""
+        device = torch.device(device)
         was_training = model.training
         model.eval()
-        self.last = evaluate_pretext(model, (move_to_device(b, device) for b in self.batches))
-        self.last.update(evaluate_weak_labels(model, (move_to_device(b, device) for b in self.image_batches)))
+        pretext = [(k, pretext_values(model, b))
+                   for k, b in self._my_batches(self.pairs, self.pair_batches, self.collate, device, rank, world)
+                   if b.get("num_images")]
+        weak = [(k, weak_label_scores(model, b).cpu(), b["labels"].cpu())
+                for k, b in self._my_batches(self.images, self.image_batches, self.collate_images, device, rank,
+                                             world) if b.get("num_images")]
         model.train(was_training)
+        parts = gather_to_main((pretext, weak))
+        result = None
+        if parts is not None:
+            pretext = sorted((p for part, _ in parts for p in part), key=lambda p: p[0])
+            weak = sorted((w for _, part in parts for w in part), key=lambda w: w[0])
+            result = mean_over_batches([v for _, v in pretext])
+            if weak:
+                result.update(weak_label_signals(torch.cat([s for _, s, _ in weak]),
+                                                 torch.cat([t for _, _, t in weak])))
+        self.last = broadcast_from_main(result)
         return self.last
 
     def before_train(self, state):
-        """A kill between a checkpoint and its evaluation lost that record: redo it on resume."""
+        """A kill between a checkpoint and its evaluation lost that record: redo it on resume
+        (rank 0 reads the log and decides for all ranks, since the evaluation is collective)."""
         it = state.start_iter
-        if state.rank != 0 or it == 0 or it % self.period:
+        if it == 0 or it % self.period:
             return
         from predet.engine.metrics import METRICS_FILE, read_metrics
 
         path = state.run_dir / METRICS_FILE
-        done = path.is_file() and any(
+        done = state.rank == 0 and path.is_file() and any(
             r.get("iteration") == it and any(k.startswith("pretext/") for k in r)
             for r in read_metrics(path))
-        if not done:
+        if not broadcast_from_main(done):
             self.after_step(state)
 
     def after_step(self, state):
-        if state.rank == 0 and (state.iteration % self.period == 0 or state.iteration == state.max_iters):
-            result = self.run(state.model, state.device)
+        if state.iteration % self.period == 0 or state.iteration == state.max_iters:
+            result = self.run(state.model, state.device, state.rank, state.world_size)
             state.metrics.update(result)
             state.writer.write({"iteration": state.iteration, **result})
             logger.info("iter %d  held-out pretext signals (floor in brackets): %s", state.iteration,

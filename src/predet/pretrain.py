@@ -14,11 +14,14 @@ from predet.data.weak import (
     Vocabulary,
     build_weak_dataset,
     collate_weak,
+    heldout_dataset,
 )
-from predet.engine.distributed import cleanup, get_rank, get_world_size
+from predet.detection.schedules import scale_solver
+from predet.engine.distributed import get_rank, get_world_size
+from predet.engine.launch import launched
 from predet.engine.optim import check_solver
 from predet.engine.runfolder import run_folder
-from predet.engine.trainer import TrainResult, check_train_config, resolve_device, train
+from predet.engine.trainer import TrainResult, check_train_config, train
 from predet.models.backbone import BACKBONES
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
@@ -29,13 +32,19 @@ from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, deco
 @dataclass
 class DataConfig:
     train: str = ""  # labels.jsonl, a .tar shard pattern, or a folder of shards
-    val: str = ""  # optional held-out labels.jsonl (true tags) for the pretext diagnostics
+    val: str = ""  # optional held-out labels.jsonl or shards (true tags) for the pretext diagnostics
+    val_pairs: int = 32  # held-out two-view pairs of the CRPN recall and contrastive top-1
+    val_max_images: int = 256  # held-out whole images of the weak-label mAP (the first N of data.val)
     vocab: str = ""  # optional vocab.json (a list of names); built from the data if empty
     views: ViewConfig = field(default_factory=ViewConfig)
 
 
 @dataclass
 class PretrainConfig:
+    # Images per step (all processes together) at which solver.lr, max_iters, warmup_iters and
+    # milestones are given; the run scales them linearly to its real total batch
+    # (train.batch_size x processes). 0: use them as given.
+    reference_batch: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -51,7 +60,8 @@ def collate_two_view(samples: list[dict]) -> dict:
     """Stack the two-view samples that decoded; skipped images travel along for counting."""
     batch = collate_weak(samples)
     kept = batch["samples"]
-    out = {"skipped": batch["skipped"], "num_images": len(kept), "labels": batch["labels"]}
+    out = {"skipped": batch["skipped"], "damaged_shards": batch["damaged_shards"], "num_images": len(kept),
+           "labels": batch["labels"]}
     for key in ("view1", "view2", "b1", "b2", "transform1", "transform2"):
         if kept:
             out[key] = torch.stack([s[key] for s in kept])
@@ -81,26 +91,37 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
                           f"{', '.join(BACKBONES)}")
     if not any((cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi)):
         raise ConfigError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
-    check_solver(cfg.solver)
+    if cfg.reference_batch < 0 or cfg.data.val_pairs <= 0 or cfg.data.val_max_images <= 0:
+        raise ConfigError(f"reference_batch={cfg.reference_batch}, data.val_pairs={cfg.data.val_pairs}, "
+                          f"data.val_max_images={cfg.data.val_max_images}: the first must be >= 0 (0: the "
+                          "solver as given), the others positive")
+    check_solver(resolve_solver(cfg))
     check_train_config(cfg.train)
-    resolve_device(cfg.train.device)
+
+
+def resolve_solver(cfg: PretrainConfig, world_size: int | None = None) -> SolverConfig:
+    """The solver run at the real total batch (``train.batch_size`` x the processes of the
+    launched group): ``cfg.solver`` as given, or scaled from ``reference_batch``."""
+    world_size = get_world_size() if world_size is None else world_size
+    return scale_solver(cfg.solver, cfg.reference_batch, cfg.train.batch_size * world_size)
 
 
 def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: int, world: int):
     """A loader that resumes exactly: batch ``i`` depends only on (seed, i)."""
+    pin = torch.cuda.is_available() and cfg.train.device != "cpu"  # pinned pages: async copies to the GPU
     if isinstance(dataset, torch.utils.data.IterableDataset):
         if hasattr(dataset, "resumed_at"):
             dataset = dataset.resumed_at(start_iter, cfg.train.batch_size)
         return DataLoader(
             dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-            collate_fn=collate_two_view, persistent_workers=False,
+            collate_fn=collate_two_view, persistent_workers=False, pin_memory=pin,
         )
     sampler = DeterministicBatchSampler(
         len(dataset), cfg.train.batch_size, cfg.train.seed, start_iter=start_iter, rank=rank, world_size=world
     )
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate_two_view,
-        persistent_workers=False, prefetch_factor=4 if cfg.train.num_workers else None,
+        persistent_workers=False, prefetch_factor=4 if cfg.train.num_workers else None, pin_memory=pin,
     )
 
 
@@ -112,13 +133,12 @@ def build_pretrain_model(cfg: PretrainConfig, num_classes: int) -> PreDet:
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pre-train a PreDet model; returns where the run ended and its checkpoint. The run holds
-    its folder (a lock) and logs to ``log.txt`` in it."""
-    check_pretrain_config(cfg)
-    try:
+    its folder (a lock) and logs to ``log.txt`` in it. Under torchrun the process group is
+    joined first, so the solver, the shard split and who writes what see the real world size."""
+    with launched(cfg.train.device):
+        check_pretrain_config(cfg)
         with run_folder(cfg.train.run_dir, "pre-training"), run_log(cfg.train.run_dir):
             return _pretrain(cfg)
-    finally:
-        cleanup()
 
 
 def _pretrain(cfg: PretrainConfig) -> TrainResult:
@@ -134,11 +154,12 @@ def _pretrain(cfg: PretrainConfig) -> TrainResult:
 
     hooks = []
     if cfg.data.val and cfg.train.eval_period > 0:
-        pairs, _ = build_weak_dataset(cfg.data.val, vocab, TwoViewTransform(decorrelated_colours(cfg.data.views)),
-                                      cfg.train.seed)
-        images, _ = build_weak_dataset(cfg.data.val, vocab, WholeImageTransform(cfg.data.views.size), cfg.train.seed)
-        hooks.append(PretextDiagnosticsHook(pairs, collate_two_view, cfg.train.eval_period, images=images,
-                                            collate_images=collate_images))
+        d = cfg.data
+        pairs = heldout_dataset(d.val, vocab, TwoViewTransform(decorrelated_colours(d.views)), d.val_pairs)
+        images = heldout_dataset(d.val, vocab, WholeImageTransform(d.views.size), d.val_max_images)
+        hooks.append(PretextDiagnosticsHook(pairs, collate_two_view, cfg.train.eval_period, num_pairs=d.val_pairs,
+                                            images=images, collate_images=collate_images,
+                                            num_workers=min(cfg.train.num_workers, 2)))
 
     if hasattr(dataset, "check_split"):
         dataset.check_split(get_world_size(), cfg.train.num_workers)
@@ -147,7 +168,7 @@ def _pretrain(cfg: PretrainConfig) -> TrainResult:
         return iter(build_pretrain_loader(dataset, cfg, start_iter, get_rank(), get_world_size()))
 
     return train(
-        model, make_loader, cfg.solver, train_cfg,
+        model, make_loader, resolve_solver(cfg), train_cfg,
         extra_state={"vocab": vocab.to_list(), "kind": "predet_pretrain"},
         hooks=hooks, config_dict=to_dict(cfg),
     )

@@ -21,6 +21,7 @@ from typing import Iterable
 import yaml
 
 from predet import paper_tables
+from predet.config import RUN_ONLY_KEYS
 from predet.sweep import mean_std, pretraining_label
 
 # (table column suffix, results key), in the supplement's column order
@@ -32,8 +33,7 @@ METRIC_LABELS = {"ap_bbox": "AP^bbox", "ap50_bbox": "AP50^bbox", "ap75_bbox": "A
                  "ap_mask": "AP^mask", "ap50_mask": "AP50^mask", "ap75_mask": "AP75^mask"}
 SELECTION_METRIC = "bbox/AP"
 # Keys that differ between seeds of one setting (or between a run and its resumption).
-_RUN_ONLY_KEYS = ("train.seed", "train.run_dir", "train.resume", "train.progress", "train.num_workers",
-                  "train.log_period", "train.checkpoint_period", "eval.batch_size", "eval.visualize")
+_RUN_ONLY_KEYS = (*RUN_ONLY_KEYS, "train.seed")
 
 
 # --------------------------------------------------------------------------- reading runs

@@ -57,6 +57,7 @@ __all__ = [
     "collate_weak",
     "derive_seed",
     "expand_shards",
+    "heldout_dataset",
     "read_labels_jsonl",
     "weak_webdataset",
     "write_webdataset_shards",
@@ -401,7 +402,34 @@ def _shard_labels(raw: dict, vocab: Vocabulary, where: str) -> tuple[torch.Tenso
     raise LabelFileError(f'{where}: no labels: expected a "json" or "cls" entry, found {fields}')
 
 
-def _decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int) -> dict:
+DAMAGED = "__damaged_shard__"  # the stream item that stands for the unread rest of a shard
+
+
+def _shard_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard; if it is truncated or corrupt, the samples before the damage,
+    then one ``DAMAGED`` item naming it (the rest of that shard is skipped, not the run).
+
+    One shard at a time, so a sample cut short at the damage is never joined to the next
+    shard's first sample (webdataset groups files by key across a shard boundary)."""
+    errors: list[Exception] = []
+
+    def stop(exc: Exception) -> bool:
+        errors.append(exc)
+        return False
+
+    n = 0
+    for raw in wds.tarfile_samples(iter([{"url": url}]), handler=stop):
+        n += 1
+        yield raw
+    if errors:
+        reason = str(errors[0].args[0]) if errors[0].args else type(errors[0]).__name__
+        yield {DAMAGED: url, "__url__": url, "reason": f"damaged shard ({type(errors[0]).__name__}: "
+               f"{reason.split(' @ ')[0][:120]}); its samples after the first {n} were skipped"}
+
+
+def _decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int, shards: int = 0) -> dict:
+    if DAMAGED in raw:
+        return {**_skipped(raw[DAMAGED], raw["reason"]), "shards": shards}
     url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
     where = f"{url}: sample {key}"
     labels, source_path = _shard_labels(raw, vocab, where)
@@ -464,8 +492,8 @@ class WeakShardDataset(IterableDataset):
                      streams: int) -> Iterator[dict]:
         urls = list(self.urls)
         random.Random(derive_seed("shards", self.seed, epoch)).shuffle(urls)
-        shards = [{"url": u} for u in urls[rank::world_size][stream::streams]]
-        samples = wds.tarfile_samples(iter(shards), handler=wds.reraise_exception)
+        shards = urls[rank::world_size][stream::streams]
+        samples = itertools.chain.from_iterable(_shard_samples(url) for url in shards)
         if self.shuffle > 1:
             rng = random.Random(derive_seed("samples", self.seed, epoch, rank, stream))
             samples = wds.shuffle(self.shuffle, rng=rng)(samples)
@@ -498,10 +526,41 @@ class WeakShardDataset(IterableDataset):
             for raw in self._raw_samples(epoch, rank, world_size, stream, workers):
                 if n >= skip:
                     seed = derive_seed("sample", self.seed, rank, stream, n)
-                    yield _decode_shard_sample(raw, self.vocab, self.transform, seed)
+                    yield _decode_shard_sample(raw, self.vocab, self.transform, seed, len(self.urls))
                 n += 1
             if not self.repeat or n == start:  # n == start: this worker has no data at all
                 return
+
+
+class ShardSampleList(Dataset):
+    """The first ``limit`` samples of some shards (in shard order), kept as their encoded bytes and
+    decoded when read: a bounded held-out set from a shard pattern that a map-style loader
+    indexes like a folder, ``dataset[i]`` or ``dataset[(i, sample_seed)]``."""
+
+    def __init__(self, urls: Sequence[str], vocab: Vocabulary, transform: Transform | None, limit: int):
+        stream = itertools.chain.from_iterable(_shard_samples(url) for url in urls)
+        self.raw = [raw for raw in itertools.islice(stream, limit) if DAMAGED not in raw]
+        self.vocab, self.transform = vocab, transform
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), int(key))
+        return _decode_shard_sample(self.raw[index], self.vocab, self.transform, seed)
+
+
+def heldout_dataset(source: str | Path, vocab: Vocabulary, transform: Transform | None,
+                    limit: int) -> Dataset:
+    """The first ``limit`` samples of a held-out ``labels.jsonl`` or shard set, map-style and
+    decoded when read: what the pretext diagnostics measure on, at any data set size."""
+    if str(source).endswith(".jsonl"):
+        dataset = WeakLabelFolder(source, vocab, transform)
+        dataset.records = dataset.records[:limit]
+        return dataset
+    urls = expand_shards(source)
+    _check_shards_exist(urls)
+    return ShardSampleList(urls, vocab, transform, limit)
 
 
 def weak_webdataset(
@@ -675,7 +734,8 @@ def _write_shards(records: list[WeakRecord], root: Path, out_dir: Path, shard_si
 
 
 def collate_weak(samples: Sequence[dict]) -> dict:
-    """``{"samples": kept dicts, "labels": [B, C], "skipped": [(path, reason), ...]}``.
+    """``{"samples": kept dicts, "labels": [B, C], "skipped": [(path, reason), ...],
+    "damaged_shards": [(url, reason, shards in the set), ...]}``.
 
     Skipped samples travel in the batch so the main process can count them whatever the
     number of DataLoader workers. ``labels`` is ``[0, 0]`` if every sample was skipped.
@@ -683,9 +743,10 @@ def collate_weak(samples: Sequence[dict]) -> dict:
     batching, since their sizes may differ.
     """
     kept = [s for s in samples if not s.get("skipped")]
-    skipped = [(s["path"], s["reason"]) for s in samples if s.get("skipped")]
+    skipped = [(s["path"], s["reason"]) for s in samples if s.get("skipped") and not s.get("shards")]
+    damaged = [(s["path"], s["reason"], s["shards"]) for s in samples if s.get("skipped") and s.get("shards")]
     labels = torch.stack([s["labels"] for s in kept]) if kept else torch.zeros(0, 0)
-    return {"samples": kept, "labels": labels, "skipped": skipped}
+    return {"samples": kept, "labels": labels, "skipped": skipped, "damaged_shards": damaged}
 
 
 class SkipCounter:

@@ -7,7 +7,7 @@ crashing a DataLoader worker hours later. Boxes that the detectors cannot use ar
 evaluation ground truth (``dataset.coco`` / ``dataset.lvis``) keeps every record unchanged.
 
 Samples are ``(image, target)`` in the form torchvision's Mask R-CNN / Faster R-CNN /
-RetinaNet take: image float32 CHW in [0, 1]; target ``boxes`` (xyxy), ``labels`` (1..K),
+RetinaNet take: image uint8 CHW (the detectors here divide by 255 on the device); target ``boxes`` (xyxy), ``labels`` (1..K),
 ``masks``, ``image_id``, ``area``, ``iscrowd``. The only augmentation here is the horizontal
 flip, decided by an explicit per-sample seed so that a resumed run (see
 :class:`RepeatFactorBatchSampler` and ``predet.data.weak.DeterministicBatchSampler``) sees
@@ -559,7 +559,7 @@ class CocoDetection(Dataset):
         image_id = self.image_ids[index]
         width, height = self._images[image_id]["width"], self._images[image_id]["height"]
         try:
-            image = pil_to_tensor(self._read_image(image_id)).float().div_(255.0)
+            image = pil_to_tensor(self._read_image(image_id))  # uint8; the detector makes it float
         except UnreadableImage as exc:
             if not self.train:
                 raise _record_error(self.ann_file, "images", self._image_pos[image_id],

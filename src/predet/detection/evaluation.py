@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from predet.engine.checkpoint import umask_mode
+from predet.engine.distributed import broadcast_from_main, gather_to_main, get_rank, get_world_size, is_main_process
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
@@ -251,29 +253,44 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-@torch.no_grad()
-def _infer(model, loader, device, progress: bool) -> _Inference:
-    """One pass over ``loader``, remembering which images ran and whether masks came out."""
+def _run_batches(model, batches, device, cat_ids, progress: bool, total: int | None = None) -> list[tuple]:
+    """(results, image ids, masks came out) of each batch, in the order the loader gives them."""
     from tqdm.auto import tqdm
 
-    device = torch.device(device)
-    cat_ids = _base_dataset(loader.dataset).cat_ids
+    out = []
+    for batch in tqdm(batches, desc="eval", disable=not progress, leave=False, total=total):
+        images = [image.to(device, non_blocking=True) for image in batch["images"]]
+        outputs = model(images)
+        ids = [int(target["image_id"]) for target in batch["targets"]]
+        out.append((predictions_to_results(outputs, ids, cat_ids), ids,
+                    any("masks" in output for output in outputs)))
+    return out
+
+
+def _merge(parts: list[tuple], seconds: float) -> _Inference:
     run = _Inference()
-    with _eval_mode(model):
-        _synchronize(device)
-        start = time.perf_counter()
-        for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
-            images = [image.to(device, non_blocking=True) for image in batch["images"]]
-            outputs = model(images)
-            ids = [int(target["image_id"]) for target in batch["targets"]]
-            run.has_masks |= any("masks" in output for output in outputs)
-            run.results.extend(predictions_to_results(outputs, ids, cat_ids))
-            run.image_ids.extend(ids)
-        _synchronize(device)
-        seconds = time.perf_counter() - start
+    for results, ids, masks in parts:
+        run.results.extend(results)
+        run.image_ids.extend(ids)
+        run.has_masks |= masks
     n = len(run.image_ids)
     run.stats = {"images": n, "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else 0.0}
     return run
+
+
+@torch.no_grad()
+def _infer(model, loader, device, progress: bool) -> _Inference:
+    """One pass over ``loader`` in this process, remembering which images ran and whether
+    masks came out."""
+    device = torch.device(device)
+    cat_ids = _base_dataset(loader.dataset).cat_ids
+    with _eval_mode(model):
+        _synchronize(device)
+        start = time.perf_counter()
+        parts = _run_batches(model, loader, device, cat_ids, progress)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    return _merge(parts, seconds)
 
 
 def run_inference(model, loader, device, progress: bool = True) -> tuple[list[dict], dict]:
@@ -282,6 +299,40 @@ def run_inference(model, loader, device, progress: bool = True) -> tuple[list[di
     runs in eval mode and gets its previous mode back afterwards."""
     run = _infer(model, loader, device, progress)
     return run.results, run.stats
+
+
+def shard_batches(num_items: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The fixed batches of a pass over ``num_items`` items that this rank runs: batch k on
+    rank k % world_size. Every image is then run in the same batch (the same padding) as in one
+    process, so the detections, and the scores, are the same for any number of processes."""
+    return list(range(rank, math.ceil(num_items / batch_size), world_size))
+
+
+@torch.no_grad()
+def inference_on_dataset(model, dataset, device="cpu", batch_size: int = 2, num_workers: int = 0,
+                         progress: bool = True, collate_fn=None) -> _Inference:
+    """Detections for every image of ``dataset``, in dataset order, on rank 0; every rank of a
+    distributed run takes part (a collective) and runs its share of the batches, with
+    ``num_workers`` loader workers. Other ranks get their own share's count in ``stats`` and no
+    detections (rank 0 scores them)."""
+    device = torch.device(device)
+    rank, world = get_rank(), get_world_size()
+    mine = shard_batches(len(dataset), batch_size, rank, world)
+    index = [list(range(k * batch_size, min((k + 1) * batch_size, len(dataset)))) for k in mine]
+    loader = DataLoader(dataset, batch_sampler=index, num_workers=num_workers if index else 0,
+                        collate_fn=collate_fn or _collate, pin_memory=device.type == "cuda")
+    cat_ids = _base_dataset(dataset).cat_ids
+    with _eval_mode(model):
+        _synchronize(device)
+        start = time.perf_counter()
+        parts = _run_batches(model, loader if index else [], device, cat_ids, progress and rank == 0, len(index))
+        _synchronize(device)
+        gathered = gather_to_main(list(zip(mine, parts)))
+        seconds = time.perf_counter() - start
+    if gathered is None:
+        return _merge(parts, seconds)
+    ordered = sorted((p for part in gathered for p in part), key=lambda p: p[0])
+    return _merge([p for _, p in ordered], seconds)
 
 
 @dataclass
@@ -322,23 +373,28 @@ def evaluate_dataset_full(
 ) -> Evaluation:
     """Run ``model`` over ``dataset`` and score it with LVIS metrics when the dataset has an
     ``lvis`` ground truth, else COCO metrics; mask AP only when the model outputs masks.
-    Only the images of ``dataset`` count, so a subset of a json is scored fairly."""
+    Only the images of ``dataset`` count, so a subset of a json is scored fairly.
+
+    In a distributed run every rank must call it: each runs its share of the images
+    (:func:`inference_on_dataset`), rank 0 scores them, and every rank gets the metrics; the
+    detections (``results``) are on rank 0 only."""
     base = _base_dataset(dataset)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_fn or _collate)
-    model.to(device)
-    run = _infer(model, loader, device, progress)
-    iou_types = ("bbox", "segm") if run.has_masks else ("bbox",)
-    per_category: dict = {}
-    if getattr(base, "lvis", None) is not None:
-        metrics = evaluate_lvis(base.lvis, run.results, iou_types, img_ids=run.image_ids, per_category=per_category)
-    elif getattr(base, "coco", None) is not None:
-        metrics = evaluate_coco(base.coco, run.results, iou_types, img_ids=run.image_ids, per_category=per_category)
-    else:
+    if getattr(base, "lvis", None) is None and getattr(base, "coco", None) is None:
         raise AttributeError(f"{type(base).__name__} has neither a coco nor an lvis ground truth")
-    metrics["images_per_s"] = run.stats["images_per_s"]
-    names = getattr(base, "category_names", [str(c) for c in base.cat_ids])
-    return Evaluation(metrics, per_category_rows(per_category, base.cat_ids, names), run.results)
+    model.to(device)
+    run = inference_on_dataset(model, dataset, device, batch_size, num_workers, progress, collate_fn)
+    scored = None
+    if is_main_process():
+        iou_types = ("bbox", "segm") if run.has_masks else ("bbox",)
+        per_category: dict = {}
+        score = evaluate_lvis if getattr(base, "lvis", None) is not None else evaluate_coco
+        gt = base.lvis if getattr(base, "lvis", None) is not None else base.coco
+        metrics = score(gt, run.results, iou_types, img_ids=run.image_ids, per_category=per_category)
+        metrics["images_per_s"] = run.stats["images_per_s"]
+        names = getattr(base, "category_names", [str(c) for c in base.cat_ids])
+        scored = (metrics, per_category_rows(per_category, base.cat_ids, names))
+    metrics, rows = broadcast_from_main(scored)
+    return Evaluation(metrics, rows, run.results)
 
 
 def evaluate_dataset(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -21,6 +22,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from predet.models.backbone import build_backbone
+from predet.models.precision import float32_box_geometry
 
 ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
 
@@ -50,7 +52,8 @@ class DetectorConfig:
 
 
 class BatchInput:
-    """Lets the shared trainer call a torchvision detector as ``model(batch)``.
+    """Lets the shared trainer call a torchvision detector as ``model(batch)``, and takes images
+    as uint8 (what the loaders send: a quarter of float32's bytes) as well as [0, 1] floats.
 
     A mixin, not a wrapper, so the state dict keeps torchvision's names exactly.
     """
@@ -58,6 +61,7 @@ class BatchInput:
     def forward(self, images, targets=None):
         if isinstance(images, dict):
             images, targets = images["images"], images.get("targets")
+        images = [im.float().div_(255.0) if im.dtype == torch.uint8 else im for im in images]
         return super().forward(images, targets)
 
 
@@ -151,8 +155,9 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
         if cfg.stride_in_1x1:
             move_stride_to_1x1(backbone.body)
         freeze_stages(backbone.body, cfg.freeze_at)
-        return construct(PredetRetinaNet, backbone, num_classes + 1, anchor_generator=_anchor_generator(cfg, True),
-                         score_thresh=cfg.score_thresh, detections_per_img=cfg.detections_per_image, **common)
+        return float32_box_geometry(construct(
+            PredetRetinaNet, backbone, num_classes + 1, anchor_generator=_anchor_generator(cfg, True),
+            score_thresh=cfg.score_thresh, detections_per_img=cfg.detections_per_image, **common))
     backbone = build_backbone(cfg.backbone, cfg.norm, c)
     if cfg.stride_in_1x1:
         move_stride_to_1x1(backbone.body)
@@ -174,10 +179,10 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
         **common,
     )
     if cfg.arch == "faster_rcnn":
-        return construct(PredetFasterRCNN, backbone, None, **kwargs)
+        return float32_box_geometry(construct(PredetFasterRCNN, backbone, None, **kwargs))
     m = cfg.mask_head_dim
-    return construct(
+    return float32_box_geometry(construct(
         PredetMaskRCNN,
         backbone, None, mask_head=MaskRCNNHeads(c, [m] * 4, 1),
         mask_predictor=MaskRCNNPredictor(m, m, num_classes + 1), **kwargs,
-    )
+    ))

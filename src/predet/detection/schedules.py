@@ -8,6 +8,7 @@ length and the drop points while keeping the drops at the same fraction of the r
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 
 BASE_BATCH = 16
@@ -117,6 +118,20 @@ def scale_milestones(milestones: tuple[int, ...], factor: float, max_iters: int)
             break
         out.append(value)
     return tuple(out)
+
+
+def scale_solver(solver, reference_batch: int, batch: int):
+    """``solver`` given at ``reference_batch`` images per step, run at ``batch``: the linear
+    scaling rule (Goyal et al. 2017), lr x k and iterations, warm-up and milestones / k with
+    k = batch / reference_batch, so the run sees the same images on the same lr curve."""
+    if reference_batch <= 0 or batch == reference_batch:
+        return solver
+    factor = reference_batch / batch
+    max_iters = max(1, _round_half_up(solver.max_iters * factor))
+    warmup = _round_half_up(solver.warmup_iters * factor) if solver.warmup_iters else 0
+    return dataclasses.replace(
+        solver, lr=solver.lr / factor, max_iters=max_iters, warmup_iters=min(warmup, max_iters - 1),
+        milestones=list(scale_milestones(tuple(solver.milestones), factor, max_iters)))
 
 
 def resolve_schedule(name: str, batch_size: int = BASE_BATCH, schedule_scale: float = 1.0) -> Schedule:

@@ -154,6 +154,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
+def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``checkpoint_*.pth`` (main process; ``keep`` 0 keeps
+    all). A multi-day run at a checkpoint every few thousand iterations otherwise fills its disk."""
+    directory = Path(directory)
+    if keep <= 0 or not is_main_process() or not directory.is_dir():
+        return []
+    found = sorted(directory.glob(CHECKPOINT_GLOB), key=_iteration_of, reverse=True)
+    for path in found[keep:]:
+        path.unlink(missing_ok=True)
+    return found[keep:]
+
+
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` files a crash left mid-write (main process only)."""
     directory = Path(directory)

@@ -17,6 +17,9 @@ from torch import nn
 from ..config import ConfigError, SolverConfig
 
 SCHEDULES = ("step", "cosine")
+# Autocast dtypes of ``solver.amp``: bf16 runs on CUDA and on the CPU (torch's CPU autocast);
+# fp16 needs a GradScaler against underflowing gradients.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 NORM_TYPES: tuple[type, ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
@@ -37,6 +40,8 @@ def check_solver(solver: SolverConfig) -> None:
                           "set solver.max_iters to a positive number")
     if solver.warmup_iters < 0:
         raise ConfigError(f"solver.warmup_iters={solver.warmup_iters}: must be >= 0")
+    if solver.amp not in ("none", *AMP_DTYPES):
+        raise ConfigError(f"solver.amp={solver.amp!r}: choose none, bf16 or fp16")
 
 
 def lr_factor(iteration: int, solver: SolverConfig) -> float:

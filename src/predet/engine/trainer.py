@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, SolverConfig, TrainConfig
+from ..config import RUN_ONLY_KEYS, ConfigError, SolverConfig, TrainConfig
 from ..errors import CheckpointError, DataError, UserError
 from .checkpoint import (
     atomic_write,
@@ -39,6 +39,7 @@ from .checkpoint import (
     checkpoint_candidates,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
@@ -49,28 +50,20 @@ from .distributed import (
     all_reduce_mean,
     all_reduce_sum_ints,
     barrier,
-    init_distributed,
     is_main_process,
     unwrap_model,
 )
+from .launch import launch, resolve_device
 from .metrics import METRICS_FILE, MetricsWriter, SmoothedValue, format_eta, truncate_metrics
 from .optim import build_lr_scheduler, build_optimizer, check_solver, lr_at, lr_factor
 
 logger = logging.getLogger("predet.engine")
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from .optim import AMP_DTYPES
 
 # Keys (matched as a dotted suffix) that may change between a run and its resumption: they
 # do not change what is trained. ``solver.max_iters`` may also grow (checked separately).
-RESUME_IGNORED_KEYS = (
-    "train.resume",
-    "train.progress",
-    "train.num_workers",
-    "train.run_dir",
-    "train.log_period",
-    "train.checkpoint_period",
-    "train.max_skipped_fraction",
-)
+RESUME_IGNORED_KEYS = RUN_ONLY_KEYS
 # The skipped-image fraction is judged once this many images were read (or at the end).
 MIN_READS_TO_JUDGE = 100
 RESUME_GROWABLE_KEYS = ("solver.max_iters",)
@@ -123,17 +116,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine: "
-                          "use train.device=cpu (or auto)")
-    return device
 
 
 def move_to_device(obj: Any, device: torch.device | str) -> Any:
@@ -268,7 +250,8 @@ def _warn_uncovered(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 
 def _write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
-    if is_main_process():
+    """``skipped.jsonl`` when there is something to list (or an older list to bring up to date)."""
+    if is_main_process() and (skipped or (run_dir / "skipped.jsonl").exists()):
         atomic_write(run_dir / "skipped.jsonl", lambda f: f.writelines(
             json.dumps({"path": p, "reason": r}) + "\n" for p, r in skipped.items()), mode="w")
 
@@ -279,25 +262,90 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.batch_size={cfg.batch_size}: must be a positive number of images")
     if cfg.num_workers < 0:
         raise ConfigError(f"train.num_workers={cfg.num_workers}: must be >= 0")
+    if cfg.keep_checkpoints < 0:
+        raise ConfigError(f"train.keep_checkpoints={cfg.keep_checkpoints}: must be >= 0 (0 keeps all)")
     if not 0.0 <= cfg.max_skipped_fraction <= 1.0:
         raise ConfigError(f"train.max_skipped_fraction={cfg.max_skipped_fraction}: must be in [0, 1]")
 
 
-def _skip_examples(skipped: dict[str, str], n: int = 3) -> str:
-    shown = "; ".join(f"{p} ({r[:80]})" for p, r in itertools.islice(skipped.items(), n))
-    return shown + (f"; ... {len(skipped) - n} more" if len(skipped) > n else "")
+class _SkipLedger:
+    """What could not be read, over all ranks: unreadable images (with the image reads, to
+    judge their fraction) and damaged shards (against the shards of their data set).
 
+    ``pending`` holds this rank's entries until a collective merges them into ``skipped``
+    (path -> reason), the list ``skipped.jsonl`` and the checkpoints keep."""
 
-def _check_skipped_fraction(reads: int, failed: int, skipped: dict[str, str], limit: float,
-                            run_dir: Path, final: bool) -> None:
-    """Stop when more than ``limit`` of the image reads failed (judged once enough were read)."""
-    if reads == 0 or (reads < MIN_READS_TO_JUDGE and not final) or failed <= limit * reads:
-        return
-    raise DataError(
-        f"{failed} of {reads} image reads failed ({failed / reads:.0%}, more than "
-        f"train.max_skipped_fraction={limit:g}): {len(skipped)} unreadable image(s), e.g. "
-        f"{_skip_examples(skipped)}. Fix the image paths/files (list in "
-        f"{run_dir / 'skipped.jsonl'}) or raise train.max_skipped_fraction")
+    def __init__(self, run_dir: Path, limit: float, state: Mapping | None = None):
+        state = state or {}
+        self.run_dir, self.limit = run_dir, limit
+        self.skipped = {str(p): str(r) for p, r in state.get("skipped", [])}
+        self.reads = [int(v) for v in state.get("image_reads", [0, 0])]  # image reads, failed
+        self.damaged = {str(p): int(n) for p, n in state.get("damaged_shards", [])}  # url -> shards
+        self.pending: list[list] = []  # [path, reason, shards of its set (0 for an image)]
+
+    def state(self) -> dict:
+        return {"skipped": [[p, r] for p, r in self.skipped.items()], "image_reads": list(self.reads),
+                "damaged_shards": [[p, n] for p, n in self.damaged.items()]}
+
+    def count(self, num_images: int, images: list, shards: list) -> int:
+        """One step's reads, summed over ranks (a collective: every rank calls it every step);
+        stops the run past the limits. Returns the number of ranks whose batch was empty."""
+        self.pending += [[p, r, 0] for p, r in images] + [[p, r, int(n)] for p, r, n in shards]
+        empties, step_reads, step_failed, step_shards = all_reduce_sum_ints(
+            [num_images == 0, num_images + len(images), len(images), len(shards)])
+        self.reads[0] += step_reads
+        self.reads[1] += step_failed
+        if step_shards:
+            self.merge()
+            self.check_shards()
+        self.check_images(final=False)
+        return empties
+
+    def merge(self) -> None:
+        """Collective: every rank's pending entries into ``skipped`` on every rank."""
+        for part in all_gather_object(self.pending):
+            for path, reason, shards in part:
+                self.skipped.setdefault(path, reason)
+                if shards:
+                    self.damaged[path] = shards
+        self.pending = []
+
+    def write(self) -> None:
+        _write_skipped(self.run_dir, self.skipped)
+
+    def examples(self, n: int = 3) -> str:
+        shown = "; ".join(f"{p} ({r[:80]})" for p, r in itertools.islice(self.skipped.items(), n))
+        return shown + (f"; ... {len(self.skipped) - n} more" if len(self.skipped) > n else "")
+
+    def check_images(self, final: bool) -> None:
+        """Stop when more than ``limit`` of the image reads failed (judged once enough were read;
+        ``reads`` are summed over ranks, so every rank judges alike)."""
+        reads, failed = self.reads
+        if reads == 0 or (reads < MIN_READS_TO_JUDGE and not final) or failed <= self.limit * reads:
+            return
+        self.merge()
+        self.write()
+        raise DataError(
+            f"{failed} of {reads} image reads failed ({failed / reads:.0%}, more than "
+            f"train.max_skipped_fraction={self.limit:g}): {self.num_images} unreadable image(s), e.g. "
+            f"{self.examples()}. Fix the image paths/files (list in "
+            f"{self.run_dir / 'skipped.jsonl'}) or raise train.max_skipped_fraction")
+
+    def check_shards(self) -> None:
+        """Stop when more than ``limit`` of the data set's shards turned out damaged."""
+        total = max(self.damaged.values(), default=0)
+        if not self.damaged or len(self.damaged) <= self.limit * total:
+            return
+        self.write()
+        shown = "; ".join(f"{p} ({self.skipped[p][:80]})" for p in itertools.islice(self.damaged, 3))
+        raise DataError(
+            f"{len(self.damaged)} of {total} shards are damaged (more than "
+            f"train.max_skipped_fraction={self.limit:g} of them), e.g. {shown}. Rewrite or replace "
+            f"them (list in {self.run_dir / 'skipped.jsonl'}) or raise train.max_skipped_fraction")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.skipped) - len(self.damaged)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -450,7 +498,8 @@ def _train_step(model: nn.Module, batch: Any, optimizer, scheduler, scaler,
     change, so a non-finite loss stops the run without touching the model.
     """
     optimizer.zero_grad(set_to_none=True)
-    autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None
+    device_type = next(model.parameters()).device.type
+    autocast = (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
         losses, metrics = _split_outputs(model(batch))
@@ -479,14 +528,17 @@ def _train_step(model: nn.Module, batch: Any, optimizer, scheduler, scaler,
     return loss_values, dict(zip(metrics, values[len(loss_names):])), grad_norm
 
 
-def _unpack_batch(batch: Any, default_images: int) -> tuple[Any, int, list[list[str]]]:
-    """(batch for the model, images in it, [path, reason] of images the dataset skipped)."""
+def _unpack_batch(batch: Any, default_images: int) -> tuple[Any, int, list[list[str]], list[list]]:
+    """(batch for the model, images in it, [path, reason] of images the dataset skipped,
+    [url, reason, shards in its set] of shards it found damaged)."""
     if not isinstance(batch, Mapping):
-        return batch, default_images, []
+        return batch, default_images, [], []
     skipped = [[str(p), str(r)] for p, r in batch.get("skipped", ()) or ()]
+    shards = [[str(p), str(r), int(n)] for p, r, n in batch.get("damaged_shards", ()) or ()]
     num = batch.get("num_images")
     num_images = default_images if num is None else int(num)
-    return {k: v for k, v in batch.items() if k != "skipped"}, num_images, skipped
+    batch = {k: v for k, v in batch.items() if k not in ("skipped", "damaged_shards")}
+    return batch, num_images, skipped, shards
 
 
 def _log_line(record: dict, max_iters: int) -> str:
@@ -517,16 +569,8 @@ def train(
     hooks = list(hooks)
     check_solver(solver)
     check_train_config(cfg)
-    if solver.amp not in ("none", *AMP_DTYPES):
-        raise ValueError(f"solver.amp must be 'none', 'bf16' or 'fp16', got {solver.amp!r}")
-    device = resolve_device(cfg.device)
-    rank, world_size, local_rank = init_distributed(device.type)
-    if device.type == "cuda":
-        index = local_rank if world_size > 1 else device.index
-        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
-        torch.cuda.set_device(device)
-    elif solver.amp != "none":
-        logger.info("solver.amp=%s ignored on %s", solver.amp, device)
+    where = launch(cfg.device)  # a no-op when the command's launch step already ran
+    rank, world_size, device = where.rank, where.world_size, where.device
     main = rank == 0
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -542,11 +586,11 @@ def train(
     if groups is not None:
         _warn_uncovered(model, optimizer)
     scheduler = build_lr_scheduler(optimizer, solver)
-    amp_dtype = AMP_DTYPES.get(solver.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    amp_dtype = AMP_DTYPES.get(solver.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
-    start_iter, skipped_all, rng_states = 0, {}, None
-    reads = [0, 0]  # images read, reads that failed (all ranks, since the run began)
+    start_iter, rng_states = 0, None
+    ledger = _SkipLedger(run_dir, cfg.max_skipped_fraction)
     if main:
         for stale in remove_stale_temp_files(ckpt_dir):
             logger.info("removed %s, left by an interrupted checkpoint write", stale)
@@ -558,12 +602,11 @@ def train(
         resume_from, ckpt = resumed
         unwrap_model(model).load_state_dict(ckpt["model"])
         start_iter = int(ckpt["iteration"])
-        skipped_all = {str(p): str(r) for p, r in ckpt.get("skipped", [])}
-        reads = [int(v) for v in ckpt.get("image_reads", [0, 0])]
+        ledger = _SkipLedger(run_dir, cfg.max_skipped_fraction, ckpt)
         if start_iter >= solver.max_iters:
             logger.info("run in %s already finished at iteration %d", run_dir, start_iter)
             final = ckpt_dir / "model_final.pth"
-            return TrainResult(start_iter, dict(ckpt.get("losses", {})), len(skipped_all), run_dir,
+            return TrainResult(start_iter, dict(ckpt.get("losses", {})), len(ledger.skipped), run_dir,
                                resume_from, dict(ckpt.get("metrics", {})),
                                final if final.is_file() else None)
         _restore_training_state(ckpt, optimizer, scheduler, scaler, solver)
@@ -594,7 +637,6 @@ def train(
     _restore_rank_rng(rng_states, rank, world_size)
 
     meters = _Meters()
-    pending_skipped: list[list[str]] = []
     last_saved: Path | None = None
     final_model: Path | None = None
     grad_norm = None
@@ -612,12 +654,8 @@ def train(
 
     def save(it: int) -> Path:
         """Collective: every rank's RNG state and skipped images go into rank 0's file."""
-        nonlocal pending_skipped
         rng = all_gather_object(capture_rng_state())
-        for part in all_gather_object(pending_skipped):
-            for p, r in part:
-                skipped_all.setdefault(p, r)
-        pending_skipped = []
+        ledger.merge()
         summary = _summary(meters, world_size)
         path = ckpt_dir / f"checkpoint_{it:07d}.pth"
         save_checkpoint(path, {
@@ -632,26 +670,13 @@ def train(
             "extra_state": extra_state,
             "losses": summary["losses"],
             "metrics": summary["metrics"],
-            "skipped": [[p, r] for p, r in skipped_all.items()],
-            "image_reads": list(reads),
+            **ledger.state(),
         })
         write_last_checkpoint(path)
-        _write_skipped(run_dir, skipped_all)
+        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        ledger.write()
         barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
         return path
-
-    def check_reads(final: bool) -> None:
-        nonlocal pending_skipped
-        judged = reads[0] >= MIN_READS_TO_JUDGE or final
-        if not judged or reads[1] <= cfg.max_skipped_fraction * reads[0]:
-            return
-        for part in all_gather_object(pending_skipped):  # collective: every rank is here
-            for p, r in part:
-                skipped_all.setdefault(p, r)
-        pending_skipped = []
-        _write_skipped(run_dir, skipped_all)
-        _check_skipped_fraction(reads[0], reads[1], skipped_all, cfg.max_skipped_fraction,
-                                run_dir, final)
 
     steps = 0
     try:
@@ -659,15 +684,10 @@ def train(
             t0 = time.perf_counter()
             batch, data_iter = _next_batch(data_iter, make_loader, iteration)
             data_time = time.perf_counter() - t0
-            batch, num_images, skipped = _unpack_batch(batch, cfg.batch_size)
-            pending_skipped.extend(skipped)
+            batch, num_images, skipped, damaged = _unpack_batch(batch, cfg.batch_size)
             # DDP needs every rank in every backward: skip the step everywhere or nowhere.
-            # One collective also sums the image reads, so every rank judges them alike.
-            empties, step_reads, step_failed = all_reduce_sum_ints(
-                [num_images == 0, num_images + len(skipped), len(skipped)])
-            reads[0] += step_reads
-            reads[1] += step_failed
-            check_reads(final=False)
+            # The same collective sums the reads, so every rank judges them alike.
+            empties = ledger.count(num_images, skipped, damaged)
             if empties:
                 logger.debug("iteration %d: empty batch, no step", iteration + 1)
                 with warnings.catch_warnings():
@@ -702,13 +722,11 @@ def train(
                     _call_hooks(hooks, "after_step", state)
                 model.train()
 
-        check_reads(final=True)
+        ledger.check_images(final=True)
         if steps == 0 and start_iter == 0:
-            for part in all_gather_object(pending_skipped):
-                for p, r in part:
-                    skipped_all.setdefault(p, r)
+            ledger.merge()
             raise DataError(f"no optimizer step in {iteration} iteration(s): every batch was empty "
-                            f"(all {reads[1]} image reads failed, e.g. {_skip_examples(skipped_all)}"
+                            f"(all {ledger.reads[1]} image reads failed, e.g. {ledger.examples()}"
                             "); check the data paths")
         last_saved = save(iteration)
         final_model = ckpt_dir / "model_final.pth"
@@ -716,15 +734,16 @@ def train(
                                       "iteration": iteration, "config": config_dict,
                                       "extra_state": extra_state})
         record = summary_record(iteration)
-        record.update(eta_s=0.0, skipped=len(skipped_all), final=True)
+        record.update(eta_s=0.0, skipped=len(ledger.skipped), final=True)
         writer.write(record)
         bar.close()
         if main:
             logger.info(_log_line(record, solver.max_iters))
-        if skipped_all:
+        if ledger.skipped:
             if main:
-                logger.warning("%d image(s) could not be read and were skipped (%d of %d reads; "
-                               "list in %s)", len(skipped_all), reads[1], reads[0],
+                logger.warning("%d image(s) could not be read and were skipped (%d of %d reads), "
+                               "%d damaged shard(s) cut short; list in %s", ledger.num_images,
+                               ledger.reads[1], ledger.reads[0], len(ledger.damaged),
                                run_dir / "skipped.jsonl")
         elif main:
             logger.info("finished at iteration %d; 0 images skipped", iteration)
@@ -733,5 +752,5 @@ def train(
         bar.close()
         writer.close()
 
-    return TrainResult(iteration, record["losses"], len(skipped_all), run_dir, last_saved,
+    return TrainResult(iteration, record["losses"], len(ledger.skipped), run_dir, last_saved,
                        record["metrics"], final_model)

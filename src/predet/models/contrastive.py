@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
 from predet.models.crpn import sample_by_rank
+from predet.models.precision import Float32BoxCoder, Float32Linear, autocast_off, wide
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,15 +60,22 @@ class ContrastiveRoIHead(nn.Module):
         self.projection = nn.Sequential(
             nn.Linear(in_features, in_features), nn.ReLU(inplace=True), nn.Linear(in_features, proj_dim)
         )
-        self.bbox_pred = nn.Linear(in_features, 4)
+        self.bbox_pred = Float32Linear(in_features, 4)  # box deltas: float32 under autocast
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.bbox_pred.bias)
         self.temperature = temperature
         self.pos_iou = pos_iou
-        self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+        self.box_coder = Float32BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projection(features), dim=1)
+        """L2-normalised float32 embeddings (their products are the contrastive logits)."""
+        return F.normalize(wide(self.projection(features)), dim=1)
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities of two sets of embeddings, float32 under autocast."""
+        with autocast_off(a):
+            return wide(a) @ wide(b).T
 
     def forward(self, query_features, roi_features, rois, roi_image, targets):
         """query_features (N*Q, D), roi_features (R, D), rois (R, 4), roi_image (R,), targets (N, Q, 4)."""
@@ -78,7 +85,7 @@ class ContrastiveRoIHead(nn.Module):
         same_image = query_image[:, None] == roi_image[None, :]
         iou = box_iou(flat_targets, rois) * same_image  # (N*Q, R)
         positive = iou >= self.pos_iou
-        sim = self.embed(query_features) @ self.embed(roi_features).T / self.temperature
+        sim = self.similarity(self.embed(query_features), self.embed(roi_features)) / self.temperature
         loss_nce = multi_positive_info_nce(sim, positive)
         accuracy = positive.gather(1, sim.argmax(1, keepdim=True)).float().mean()
 

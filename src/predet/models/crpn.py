@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+from predet.models.precision import Float32BoxCoder, autocast_off, wide
 
 
 def weight_generator(query_dim: int, hidden: int, out_features: int, init_std: float = 0.001) -> nn.Sequential:
@@ -49,15 +50,19 @@ class QueryConditionedRPN(nn.Module):
         return score[..., :c], score[..., c], delta[..., :c], delta[..., c]
 
     def scores(self, trunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """All queries' objectness for every anchor: (N, Q, L*A) in one batched matmul."""
+        """All queries' objectness for every anchor: (N, Q, L*A) in one batched matmul, float32
+        under autocast (they rank the proposals)."""
         n, q, a, c = weight.shape
-        out = torch.baddbmm(bias.reshape(n, q * a, 1), weight.reshape(n, q * a, c), trunk)
+        with autocast_off(trunk):
+            out = torch.baddbmm(wide(bias.reshape(n, q * a, 1)), wide(weight.reshape(n, q * a, c)), wide(trunk))
         return out.view(n, q, a, -1).transpose(2, 3).reshape(n, q, -1)
 
     def dense_deltas(self, trunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """All queries' deltas for every anchor: (N, Q, L*A, 4). Used for checks and small inputs."""
         n, q, a4, c = weight.shape
-        out = torch.baddbmm(bias.reshape(n, q * a4, 1), weight.reshape(n, q * a4, c), trunk)
+        with autocast_off(trunk):
+            out = torch.baddbmm(wide(bias.reshape(n, q * a4, 1)), wide(weight.reshape(n, q * a4, c)),
+                                wide(trunk))
         return out.view(n, q, a4 // 4, 4, -1).permute(0, 1, 4, 2, 3).reshape(n, q, -1, 4)
 
     def gather_deltas(self, trunk, weight, bias, img, query, anchor) -> torch.Tensor:
@@ -71,7 +76,8 @@ class QueryConditionedRPN(nn.Module):
         feats = trunk[img, :, pos]  # (S, C)
         w = weight.view(*weight.shape[:2], a, 4, -1)[img, query, k]  # (S, 4, C)
         b = bias.view(*bias.shape[:2], a, 4)[img, query, k]  # (S, 4)
-        return torch.einsum("sc,sjc->sj", feats, w) + b
+        with autocast_off(trunk):  # box deltas: float32 under autocast
+            return torch.einsum("sc,sjc->sj", wide(feats), wide(w)) + wide(b)
 
 
 def query_loop_reference(crpn: QueryConditionedRPN, features: list[torch.Tensor], queries: torch.Tensor):
@@ -133,7 +139,7 @@ class CRPNLoss(nn.Module):
         super().__init__()
         self.fg_iou, self.bg_iou = fg_iou, bg_iou
         self.per_query, self.pos_fraction = per_query, pos_fraction
-        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.box_coder = Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
     def forward(self, crpn, trunk, scores, delta_w, delta_b, anchors, targets):
         n, q, total = scores.shape
@@ -155,7 +161,8 @@ class CRPNLoss(nn.Module):
 def query_proposals(crpn, trunk, scores, delta_w, delta_b, anchors, image_size,
                     pre_nms_top_n=64, nms_thresh=0.7, post_nms_top_n=16, box_coder=None):
     """Top CRPN boxes per (image, query) after NMS, padded: boxes (N, Q, K, 4), valid (N, Q, K)."""
-    box_coder = box_coder or BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    box_coder = box_coder or Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    scores, anchors = wide(scores), wide(anchors)  # float32 geometry (models/precision.py)
     n, q, total = scores.shape
     k = min(pre_nms_top_n, total)
     top_scores, top_anchor = scores.topk(k, dim=2)

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
-from predet.models.roi_pool import SparseMultiScaleRoIAlign
 
 from predet.models.backbone import build_backbone
 from predet.models.contrastive import ContrastiveRoIHead, sample_query_rois
 from predet.models.crpn import CRPNLoss, QueryConditionedRPN, query_proposals
+from predet.models.precision import Float32AnchorGenerator
+from predet.models.roi_pool import SparseMultiScaleRoIAlign
 from predet.models.weak_head import WeakLabelHead, weak_label_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,7 +71,7 @@ class PreDet(nn.Module):
         self.loss_cfg = loss or LossConfig()
         self.backbone = build_backbone(model.backbone, model.norm, model.fpn_channels)
         self.cls_head = WeakLabelHead(self.backbone.in_channels_list[-1], num_classes, self.loss_cfg.cls_head_norm)
-        self.anchor_generator = AnchorGenerator(
+        self.anchor_generator = Float32AnchorGenerator(
             tuple((s,) for s in model.anchor_sizes), (tuple(model.aspect_ratios),) * len(model.anchor_sizes)
         )
         self.roi_align = SparseMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,
@@ -98,11 +98,18 @@ class PreDet(nn.Module):
             return torch.cat([c5_1, c5_2]), maps
         if view2 is not None:
             images = torch.cat([images, view2])
-        body = self.backbone.body((images - self.pixel_mean) / self.pixel_std)
+        body = self.backbone.body(self.normalize(images))
         return body["3"], self.backbone.fpn(body) if fpn else None
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (as the loader sends them) or [0, 1] float images -> the backbone's input."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return (images - self.pixel_mean) / self.pixel_std
+
     def anchors(self, images: torch.Tensor, fpn: dict) -> torch.Tensor:
-        """Anchors of one view (all views of a batch share a size): (L*A, 4)."""
+        """Anchors of one view (all views of a batch share a size): (L*A, 4), float32 whatever
+        the maps' dtype (models/precision.py)."""
         size = tuple(images.shape[-2:])
         image_list = ImageList(images[:1], [size])
         return self.anchor_generator(image_list, list(fpn.values()))[0]

@@ -31,7 +31,9 @@ class WeakLabelHead(nn.Module):
 
 
 def weak_label_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
-    """Loss against multi-hot ``targets``; images left with no tag carry no softmax loss."""
+    """Loss against multi-hot ``targets``; images left with no tag carry no softmax loss.
+    Computed in float32 whatever autocast made of the logits."""
+    logits = logits.float()
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, targets)
     if kind != "softmax":
