@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from predet.config import SolverConfig, TrainConfig
+from predet.config import ConfigError, SolverConfig, TrainConfig
 from predet.engine import (
     MetricsWriter,
     ResumeError,
@@ -287,6 +287,28 @@ def test_resume_is_bit_exact(tmp_path):
     # metrics.jsonl holds each logged iteration once despite the crash.
     its = [r["iteration"] for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")]
     assert its == [5, 10, 15, 20, 25, 30]
+
+
+def test_only_the_newest_checkpoints_are_kept_and_resume_still_works(tmp_path):
+    """train.keep_checkpoints=K: a multi-day run's folder holds K periodic checkpoints, not all."""
+    solver = solver_cfg()
+    cfg = train_cfg(tmp_path, "kept", checkpoint_period=5, keep_checkpoints=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(new_model(), make_loader, solver, cfg, hooks=[CrashAt(22)])
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("checkpoint_*.pth")) == ["checkpoint_0000015.pth",
+                                                                       "checkpoint_0000020.pth"]
+    resumed = new_model()
+    train(resumed, make_loader, solver, replace(cfg, resume=True, keep_checkpoints=1))  # may change on resume
+    assert resumed.calls == 10
+    assert sorted(p.name for p in ckpts.iterdir() if p.suffix == ".pth") == ["checkpoint_0000030.pth",
+                                                                             "model_final.pth"]
+    straight = new_model()
+    train(straight, make_loader, solver, train_cfg(tmp_path, "all", checkpoint_period=5, keep_checkpoints=0))
+    assert len(list((tmp_path / "all" / "checkpoints").glob("checkpoint_*.pth"))) == 6
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(ConfigError, match="keep_checkpoints=-1"):
+        train(new_model(), make_loader, solver, train_cfg(tmp_path, "bad", keep_checkpoints=-1))
 
 
 def test_resume_refuses_changed_config_and_allows_longer_run(tmp_path):

@@ -457,3 +457,69 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(small_disk, tmp_path):
     model = new_model()
     assert train(model, make_loader, solver, replace(cfg, resume=True)).iteration == 10
     assert model.calls == 5
+
+
+# ----------------------------------------------------------------------------- damaged shards
+
+
+def _damaged_copy(shards: Path, tmp_path: Path, truncated=(), garbage=()) -> tuple[Path, list[str]]:
+    """The 8 shards in a folder of their own, some cut in half (a copy that died) or overwritten."""
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    names = sorted(p.name for p in out.glob("*.tar"))
+    for i in truncated:
+        path = out / names[i]
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for i in garbage:
+        (out / names[i]).write_bytes(os.urandom(3000))
+    return out, [str(out / names[i]) for i in (*truncated, *garbage)]
+
+
+def _damaged_run(weak_set, shards, run_dir, iters=18, **extra):
+    # 64 images in 8 shards, batch 4: 18 iterations read every shard at least once
+    return tiny_pretrain_config(weak_set, run_dir, iters, **{
+        "data.train": shards, "data.vocab": shards / "vocab.json", "train.checkpoint_period": 9,
+        "train.max_skipped_fraction": 0.25, **extra})
+
+
+def test_damaged_shards_among_good_ones_are_skipped_named_and_the_run_goes_on(weak_set, shards, tmp_path):
+    data, bad = _damaged_copy(shards, tmp_path, truncated=[2], garbage=[5])
+    result = pretrain(_damaged_run(weak_set, data, tmp_path / "run"))
+    assert result.iteration == 18 and (tmp_path / "run" / "checkpoints" / "model_final.pth").is_file()
+    listed = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    damaged = {r["path"]: r["reason"] for r in listed if r["reason"].startswith("damaged shard")}
+    assert sorted(damaged) == sorted(bad)  # named once each, however many epochs re-read them
+    assert "samples after the first 0 were skipped" in damaged[bad[1]]  # garbage: nothing read from it
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_0000018.pth")
+    assert sorted(p for p, _ in ckpt["damaged_shards"]) == sorted(bad)
+    assert all(n == 8 for _, n in ckpt["damaged_shards"])
+
+
+def test_a_run_with_damaged_shards_resumes_bit_exactly(weak_set, shards, tmp_path, monkeypatch):
+    import predet.pretrain as pretrain_module
+
+    data, _ = _damaged_copy(shards, tmp_path, truncated=[1])
+    pretrain(_damaged_run(weak_set, data, tmp_path / "straight"))
+    real_train = pretrain_module.train
+    monkeypatch.setattr(pretrain_module, "train", lambda *a, **k: real_train(*a, **{**k, "hooks": [CrashAt(9)]}))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_damaged_run(weak_set, data, tmp_path / "run"))
+    monkeypatch.setattr(pretrain_module, "train", real_train)
+    pretrain(_damaged_run(weak_set, data, tmp_path / "run", **{"train.resume": "true"}))
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "run"))
+    assert (tmp_path / "straight" / "skipped.jsonl").read_text() == (tmp_path / "run" / "skipped.jsonl").read_text()
+
+
+def test_more_damaged_shards_than_allowed_stop_the_run_with_one_line(weak_set, shards, tmp_path, capsys):
+    from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
+    from predet.cli import main as cli_main
+
+    data, bad = _damaged_copy(shards, tmp_path, truncated=[0, 3], garbage=[6])  # 3 of 8 > 0.25
+    args = ["pretrain", "--config", str(CPU_PRETRAIN_CONFIG), *tiny_pretrain_overrides(weak_set, tmp_path / "run", 18, **{
+        "data.train": data, "data.vocab": data / "vocab.json", "train.max_skipped_fraction": 0.25})]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 of 8 shards are damaged" in err[0] and "max_skipped_fraction=0.25" in err[0]
+    assert any(path in err[0] for path in bad)
+    listed = (tmp_path / "run" / "skipped.jsonl").read_text()
+    assert all(path in listed for path in bad)
