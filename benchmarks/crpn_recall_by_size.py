@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     root = val.parent
     pairs = [make_two_views(Image.open(root / r["image"]).convert("RGB"), 1000 + i, views_cfg)
              for i, r in enumerate(records)]
-    batch = {k: torch.stack([p[k] for p in pairs]) for k in ("view1", "view2", "b1", "b2")}
+    batch = {k: torch.stack([p[k] for p in pairs]) for k in ("view1", "view2", "colour1", "colour2", "b1", "b2")}
     out = pretext_predictions(model, batch)
     b2 = batch["b2"].reshape(-1, 4)
     reachable = box_iou(b2, out["anchors"]).max(1).values >= 0.5

@@ -91,7 +91,7 @@ def step_ratio(model_cfg: ModelConfig, n: int, size: int, q: int, reps: int, dev
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     predet = PreDet(10, model_cfg).to(device)
     frcnn = fasterrcnn_like(model_cfg, PreDet(10, model_cfg), size).to(device)
-    images = list(torch.cat([batch["view1"], batch["view2"]]))
+    images = list(torch.cat([batch["view1"], batch["view2"]]).float() / 255)  # torchvision takes floats
     boxes = torch.cat([batch["b1"], batch["b2"]])
     targets = [{"boxes": b, "labels": torch.randint(1, 11, (len(b),), device=device)} for b in boxes]
 

@@ -35,7 +35,7 @@ def smooth_image(seed: int, width=200, height=150) -> Image.Image:
 def two_view_batch(n=2, size=64, q=4, seed=0, num_classes=5) -> dict:
     cfg = ViewConfig(size=size, num_queries=q, min_query_px=6)
     samples = [make_two_views(smooth_image(seed + i), seed + i, cfg) for i in range(n)]
-    batch = {k: torch.stack([s[k] for s in samples]) for k in ("view1", "view2", "b1", "b2")}
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("view1", "view2", "colour1", "colour2", "b1", "b2")}
     labels = torch.zeros(n, num_classes)
     labels[torch.arange(n), torch.arange(n) % num_classes] = 1
     batch["labels"] = labels

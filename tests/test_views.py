@@ -5,7 +5,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from helpers import smooth_image
-from predet.views import ViewConfig, ViewTransform, make_two_views
+from predet.views import ViewConfig, ViewTransform, apply_colour, colour_views, make_two_views, sample_colour
 
 
 def crop_region(view: torch.Tensor, box: torch.Tensor, flip: bool, size=12) -> torch.Tensor:
@@ -63,7 +63,8 @@ def test_query_sizes_and_aspects_follow_config():
 def test_grayscale_views_keep_geometry_and_lose_colour():
     cfg = ViewConfig(size=48, num_queries=3, grayscale_p=1.0)
     out = make_two_views(smooth_image(2), 11, cfg)
-    for view in (out["view1"], out["view2"]):
+    for view, params in ((out["view1"], out["colour1"]), (out["view2"], out["colour2"])):
+        view = colour_views(view[None], params[None])[0]
         assert torch.equal(view[0], view[1]) and torch.equal(view[1], view[2])
     plain = make_two_views(smooth_image(2), 11, ViewConfig(size=48, num_queries=3))
     assert torch.equal(out["b1"], plain["b1"]) and torch.equal(out["b2"], plain["b2"])
@@ -75,12 +76,39 @@ def test_decorrelated_colour_views_no_longer_share_their_colour():
 
     image = Image.new("RGB", (120, 100), (200, 60, 40))
     plain = ViewConfig(size=32, jitter=0.0, hue=0.0, num_queries=2)
-    colour = lambda v: v.float().mean(dim=(1, 2)) / 255
+    colour = lambda out, k: colour_views(out[f"view{k}"][None], out[f"colour{k}"][None])[0].mean(dim=(1, 2))
     gaps_plain, gaps_decorrelated = [], []
     for seed in range(20):
         a = make_two_views(image, seed, plain)
         b = make_two_views(image, seed, decorrelated_colours(plain))
-        gaps_plain.append((colour(a["view1"]) - colour(a["view2"])).abs().max().item())
-        gaps_decorrelated.append((colour(b["view1"]) - colour(b["view2"])).abs().max().item())
-    assert max(gaps_plain) < 1e-3 + 0.5 / 255  # the same colour, up to uint8 rounding
+        gaps_plain.append((colour(a, 1) - colour(a, 2)).abs().max().item())
+        gaps_decorrelated.append((colour(b, 1) - colour(b, 2)).abs().max().item())
+    assert max(gaps_plain) < 1e-3
     assert sum(g > 0.1 for g in gaps_decorrelated) >= 15, gaps_decorrelated
+
+
+def test_colour_changes_drawn_in_the_loader_equal_those_applied_to_the_crop_directly():
+    """The loader draws a view's jitter and sends its parameters; applied on the device they are
+    the jitter torchvision's functions give when applied to the view in the same order."""
+    import torchvision.transforms.functional as TF
+
+    cfg = ViewConfig(size=40, num_queries=2, jitter=0.4, hue=0.3, grayscale_p=0.5)
+    rng = np.random.default_rng(5)
+    params = [sample_colour(rng, cfg) for _ in range(8)]
+    assert len({tuple(p[5:].tolist()) for p in params}) > 1  # the order is random too
+    assert {p[4].item() for p in params} == {0.0, 1.0}
+    view = make_two_views(smooth_image(3), 3, cfg)["view1"]
+    image = view.float() / 255
+    for p in params:
+        expected = image
+        for i in p[5:].tolist():
+            adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[int(i)]
+            expected = adjust(expected, p[int(i)].item())
+        expected = expected.clamp(0, 1)
+        if p[4]:
+            expected = TF.rgb_to_grayscale(expected, 3)
+        assert torch.equal(apply_colour(image, p), expected)
+    batch = colour_views(torch.stack([view, view]), torch.stack(params[:2]))
+    assert torch.equal(batch[1], apply_colour(image, params[1]))
+    none = ViewConfig(size=40, jitter=0.0, hue=0.0)
+    assert torch.equal(colour_views(view[None], sample_colour(rng, none)[None])[0], image)

@@ -82,7 +82,7 @@ def constant_predictor_map(targets: torch.Tensor) -> float:
 @torch.no_grad()
 def pretext_predictions(model, batch: dict) -> dict:
     """The CRPN's top box per query and the query-vs-target similarity matrix."""
-    view1, view2, b1, b2 = batch["view1"], batch["view2"], batch["b1"], batch["b2"]
+    (view1, view2), b1, b2 = model.views(batch), batch["b1"], batch["b2"]
     n, q = b1.shape[:2]
     size = tuple(view1.shape[-2:])
     _, fpn = model.features(view1, view2)

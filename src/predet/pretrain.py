@@ -62,7 +62,7 @@ def collate_two_view(samples: list[dict]) -> dict:
     kept = batch["samples"]
     out = {"skipped": batch["skipped"], "damaged_shards": batch["damaged_shards"], "num_images": len(kept),
            "labels": batch["labels"]}
-    for key in ("view1", "view2", "b1", "b2", "transform1", "transform2"):
+    for key in ("view1", "view2", "colour1", "colour2", "b1", "b2", "transform1", "transform2"):
         if kept:
             out[key] = torch.stack([s[key] for s in kept])
     return out

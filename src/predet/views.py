@@ -126,44 +126,71 @@ def sample_queries(rng: np.random.Generator, region, num: int, cfg: ViewConfig, 
 
 
 def render_view(image: Image.Image, t: ViewTransform) -> torch.Tensor:
-    """Crop + resize + flip as one resampling; float CHW in [0, 1]."""
+    """Crop + resize + flip as one resampling; uint8 CHW (a quarter of float32's bytes to send
+    from a loader worker: float views at 800 px fill a container's shared memory)."""
     view = image.resize((t.size, t.size), Image.BILINEAR, box=(t.x0, t.y0, t.x0 + t.w, t.y0 + t.h))
     if t.flip:
         view = view.transpose(Image.FLIP_LEFT_RIGHT)
-    return TF.pil_to_tensor(view).float().div_(255.0)
+    return TF.pil_to_tensor(view)
 
 
-def color_jitter(img: torch.Tensor, rng: np.random.Generator, strength: float, hue: float):
-    """Brightness/contrast/saturation/hue jitter in a random order, driven by ``rng``."""
-    if strength <= 0 and hue <= 0:
-        return img
-    ops = [
-        lambda x: TF.adjust_brightness(x, rng.uniform(1 - strength, 1 + strength)),
-        lambda x: TF.adjust_contrast(x, rng.uniform(1 - strength, 1 + strength)),
-        lambda x: TF.adjust_saturation(x, rng.uniform(1 - strength, 1 + strength)),
-    ]
-    if hue > 0:
-        ops.append(lambda x: TF.adjust_hue(x, rng.uniform(-hue, hue)))
-    for i in rng.permutation(len(ops)):
-        img = ops[i](img)
-    return img.clamp_(0, 1)
+# A view's colour change as 9 numbers: brightness, contrast, saturation and hue factors, a
+# grayscale flag, and the order the four adjustments run in (-1: not run).
+COLOUR_PARAMS = 9
+_IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0, -1.0, -1.0)
 
 
-def photometric(img: torch.Tensor, rng: np.random.Generator, cfg: ViewConfig) -> torch.Tensor:
-    img = color_jitter(img, rng, cfg.jitter, cfg.hue)
+def sample_colour(rng: np.random.Generator, cfg: ViewConfig) -> torch.Tensor:
+    """A view's random colour change (brightness/contrast/saturation/hue jitter in a random order,
+    then maybe grayscale), drawn from ``rng``, as :data:`COLOUR_PARAMS` numbers.
+
+    Only drawn here: :func:`apply_colour` applies it where the model runs (the GPU), because at
+    800 px the jitter, the hue's round trip through HSV above all, is most of a loader core's time."""
+    params = list(_IDENTITY)
+    if cfg.jitter > 0 or cfg.hue > 0:
+        ops = 4 if cfg.hue > 0 else 3
+        order = rng.permutation(ops)
+        for i in order:
+            params[i] = rng.uniform(-cfg.hue, cfg.hue) if i == 3 else rng.uniform(1 - cfg.jitter, 1 + cfg.jitter)
+        params[5:5 + ops] = [float(i) for i in order]
     if cfg.grayscale_p > 0 and rng.uniform() < cfg.grayscale_p:
+        params[4] = 1.0
+    return torch.tensor(params, dtype=torch.float32)
+
+
+_ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def apply_colour(img: torch.Tensor, params) -> torch.Tensor:
+    """One [0, 1] float view with its colour change (:func:`sample_colour`) applied."""
+    params = params.tolist() if isinstance(params, torch.Tensor) else list(params)
+    jittered = False
+    for i in params[5:]:
+        if i >= 0:
+            img = _ADJUST[int(i)](img, params[int(i)])
+            jittered = True
+    if jittered:
+        img = img.clamp(0, 1)
+    if params[4]:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     return img
 
 
-def to_uint8(img: torch.Tensor) -> torch.Tensor:
-    """A [0, 1] float image as uint8 (rounded): a quarter of the bytes to send from a loader
-    worker (float views at 800 px fill a container's shared memory); the model normalises."""
-    return img.mul(255.0).round_().to(torch.uint8)
+def colour_views(views: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+    """A batch of uint8 views (N, 3, H, W) as [0, 1] floats with each one's colour change, on the
+    views' device (the loader sends uint8 crops and the changes' parameters)."""
+    images = views.float().div_(255.0) if views.dtype == torch.uint8 else views
+    if params is None:
+        return images
+    rows = params.tolist()
+    if all(row == list(_IDENTITY) for row in rows):
+        return images
+    return torch.stack([apply_colour(image, row) for image, row in zip(images, rows)])
 
 
 def make_two_views(image: Image.Image, seed: int, cfg: ViewConfig) -> dict:
-    """Views (uint8 CHW), queries ``b1``/``b2`` (Q, 4 xyxy in each view) and both transforms."""
+    """Views (uint8 CHW) and their colour changes (applied by :func:`colour_views` where the
+    model runs), queries ``b1``/``b2`` (Q, 4 xyxy in each view) and both transforms."""
     rng = np.random.default_rng(seed)
     image = image.convert("RGB")
     width, height = image.size
@@ -173,11 +200,12 @@ def make_two_views(image: Image.Image, seed: int, cfg: ViewConfig) -> dict:
     # The smallest query must stay min_query_px wide in the view that magnifies least.
     min_side = cfg.min_query_px * max(t1.w, t1.h, t2.w, t2.h) / cfg.size
     queries = sample_queries(rng, _intersection(crop1, crop2), cfg.num_queries, cfg, min_side)
-    view1 = photometric(render_view(image, t1), rng, cfg)
-    view2 = photometric(render_view(image, t2), rng, cfg)
+    colour1, colour2 = sample_colour(rng, cfg), sample_colour(rng, cfg)
     return {
-        "view1": to_uint8(view1),
-        "view2": to_uint8(view2),
+        "view1": render_view(image, t1),
+        "view2": render_view(image, t2),
+        "colour1": colour1,
+        "colour2": colour2,
         "b1": t1.map_boxes(queries),
         "b2": t2.map_boxes(queries),
         "queries_src": queries,

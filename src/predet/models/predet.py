@@ -20,6 +20,7 @@ from predet.models.crpn import CRPNLoss, QueryConditionedRPN, query_proposals
 from predet.models.precision import Float32AnchorGenerator
 from predet.models.roi_pool import SparseMultiScaleRoIAlign
 from predet.models.weak_head import WeakLabelHead, weak_label_loss
+from predet.views import colour_views
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,6 +108,13 @@ class PreDet(nn.Module):
             images = images.float().div_(255.0)
         return (images - self.pixel_mean) / self.pixel_std
 
+    @staticmethod
+    def views(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's two views as [0, 1] floats with their colour changes, made here on the
+        model's device from the uint8 crops and parameters the loader sends (views.py)."""
+        return (colour_views(batch["view1"], batch.get("colour1")),
+                colour_views(batch["view2"], batch.get("colour2")))
+
     def anchors(self, images: torch.Tensor, fpn: dict) -> torch.Tensor:
         """Anchors of one view (all views of a batch share a size): (L*A, 4), float32 whatever
         the maps' dtype (models/precision.py)."""
@@ -136,7 +144,7 @@ class PreDet(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         lam = self.loss_cfg
-        view1, view2 = batch["view1"], batch["view2"]
+        view1, view2 = self.views(batch)
         n = view1.shape[0]
         pretext = lam.lambda_rpn > 0 or lam.lambda_roi > 0
         c5, fpn = self.features(view1, view2, fpn=pretext)
