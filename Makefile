@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DATA ?= data/fashiondet
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup fashion-mnist test demo bench bench-fashiondet clean
+.PHONY: setup fashion-mnist test demo bench bench-scale bench-fashiondet clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ BENCH_FLAGS ?=
 bench: setup fashion-mnist
 	$(BIN)/python benchmarks/pretrain_speed.py $(BENCH_FLAGS) | tee benchmarks/results/pretrain_speed$(subst --,_,$(BENCH_FLAGS)).json
 	$(BIN)/python benchmarks/finetune_speed.py $(BENCH_FLAGS) | tee benchmarks/results/finetune_speed$(subst --,_,$(BENCH_FLAGS)).json
+
+# The paper-scale path's costs a CPU can measure (issue 17, ~8 min): FLOPs and peak memory of one
+# R50-FPN 800 px PreDet step against a Mask R-CNN step, then the two-view loader against its floor
+# (its cores-per-GPU estimate reads the step's FLOPs from step_cost.json, so step_cost runs first).
+bench-scale: setup
+	$(BIN)/python benchmarks/step_cost.py > benchmarks/results/step_cost.json.tmp && mv benchmarks/results/step_cost.json.tmp benchmarks/results/step_cost.json && cat benchmarks/results/step_cost.json
+	$(BIN)/python benchmarks/loader_speed.py > benchmarks/results/loader_speed.json.tmp && mv benchmarks/results/loader_speed.json.tmp benchmarks/results/loader_speed.json && cat benchmarks/results/loader_speed.json
 
 # The FashionDet benchmark (issue: does PreDet pay off?): pre-training variants, lr, warm-up, gamma
 # chosen on val, 3 seeds on test, report + answers under benchmarks/results/fashiondet/.

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from predet.cli import main as cli_main
+from predet.config import shipped_configs
 from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
 from predet.engine.metrics import read_metrics
 from predet.pretrain import load_pretrain_config, pretrain
@@ -283,3 +284,30 @@ def test_a_kill_during_the_pretext_evaluation_loses_no_record(weak_set, tmp_path
         "data.val": weak_set / "heldout.jsonl", "train.eval_period": 2, "train.checkpoint_period": 2,
         "train.resume": "true"}))
     assert pretext_iterations() == [2, 3]
+
+
+GPU_PRETRAIN_CONFIGS = [n for n in shipped_configs() if n.startswith("pretrain/") and "_gpu" in n]
+
+
+@pytest.mark.parametrize("name", GPU_PRETRAIN_CONFIGS)
+def test_gpu_pretraining_configs_carry_the_recipe_that_learned(name):
+    # The CPU recipe is the one measured to learn (every held-out signal beat its floors); a GPU
+    # config may change sizes, not the CRPN targets, init, clipping or the lr per image.
+    cpu, gpu = load_pretrain_config(CPU_PRETRAIN_CONFIG), load_pretrain_config(name)
+    for key in ("crpn_fg_iou", "crpn_bg_iou", "crpn_anchors_per_query", "crpn_pos_fraction", "crpn_init_std"):
+        assert getattr(gpu.model, key) == getattr(cpu.model, key), key
+    assert gpu.solver.clip_grad_norm == cpu.solver.clip_grad_norm
+    assert gpu.reference_batch > 0
+    assert gpu.solver.lr / gpu.reference_batch == pytest.approx(cpu.solver.lr / cpu.train.batch_size)
+    # RoIAlign's level mapping scaled to the view size as in the CPU recipe's 64 px -> 64
+    assert gpu.data.views.size == 800 and gpu.model.roi_canonical_scale == 224
+    # the most expensive run a user makes logs its held-out signals on a bounded set, keeps few checkpoints
+    assert gpu.data.val and gpu.train.eval_period > 0 and 0 < gpu.data.val_pairs <= 512
+    assert 0 < gpu.data.val_max_images <= 1024 and 0 < gpu.train.keep_checkpoints <= 5
+    assert gpu.solver.amp == "bf16" and gpu.model.norm == "syncbn"
+    if name.endswith("_pilot"):
+        full = load_pretrain_config(name.removesuffix("_pilot"))
+        assert gpu.solver.max_iters <= 2500 and gpu.solver.lr == full.solver.lr
+        assert gpu.solver.warmup_iters == full.solver.warmup_iters and gpu.model == full.model
+        assert gpu.solver.schedule == "step" and not gpu.solver.milestones  # the long run's start: no decay
+        assert gpu.solver.max_iters // gpu.train.eval_period >= 4

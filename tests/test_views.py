@@ -5,7 +5,9 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from helpers import smooth_image
-from predet.views import ViewConfig, ViewTransform, apply_colour, colour_views, make_two_views, sample_colour
+from predet.pretrain import collate_two_view
+from predet.views import (ViewConfig, ViewTransform, apply_colour, as_float_images, colour_views, make_two_views,
+                          sample_colour)
 
 
 def crop_region(view: torch.Tensor, box: torch.Tensor, flip: bool, size=12) -> torch.Tensor:
@@ -112,3 +114,16 @@ def test_colour_changes_drawn_in_the_loader_equal_those_applied_to_the_crop_dire
     assert torch.equal(batch[1], apply_colour(image, params[1]))
     none = ViewConfig(size=40, jitter=0.0, hue=0.0)
     assert torch.equal(colour_views(view[None], sample_colour(rng, none)[None])[0], image)
+
+
+def test_collated_views_equal_stacked_views_and_reach_the_model_channel_planar():
+    # The collate copies views in their pixel-interleaved layout (fast); values must not change,
+    # and the float images the model sees must be ordinary contiguous NCHW tensors.
+    cfg = ViewConfig(size=48, num_queries=3, min_query_px=4)
+    samples = [make_two_views(smooth_image(s, 80, 64), s, cfg) for s in range(3)]
+    batch = collate_two_view([dict(s, labels=torch.zeros(2)) for s in samples])
+    for key in ("view1", "view2"):
+        assert torch.equal(batch[key], torch.stack([s[key].contiguous() for s in samples]))
+        floats = as_float_images(batch[key])
+        assert floats.is_contiguous() and floats.dtype == torch.float32
+        assert torch.equal(floats, torch.stack([s[key] for s in samples]).float() / 255)

@@ -26,7 +26,7 @@ from predet.models.backbone import BACKBONES
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
 from predet.runlog import run_log
-from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, decorrelated_colours
+from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, decorrelated_colours, stack_images
 
 
 @dataclass
@@ -62,8 +62,10 @@ def collate_two_view(samples: list[dict]) -> dict:
     kept = batch["samples"]
     out = {"skipped": batch["skipped"], "damaged_shards": batch["damaged_shards"], "num_images": len(kept),
            "labels": batch["labels"]}
-    for key in ("view1", "view2", "colour1", "colour2", "b1", "b2", "transform1", "transform2"):
-        if kept:
+    if kept:
+        for key in ("view1", "view2"):
+            out[key] = stack_images([s[key] for s in kept])
+        for key in ("colour1", "colour2", "b1", "b2", "transform1", "transform2"):
             out[key] = torch.stack([s[key] for s in kept])
     return out
 
@@ -74,7 +76,7 @@ def collate_images(samples: list[dict]) -> dict:
     kept = batch["samples"]
     out = {"skipped": batch["skipped"], "num_images": len(kept), "labels": batch["labels"]}
     if kept:
-        out["image"] = torch.stack([s["image"] for s in kept])
+        out["image"] = stack_images([s["image"] for s in kept])
     return out
 
 

@@ -20,7 +20,7 @@ from predet.models.crpn import CRPNLoss, QueryConditionedRPN, query_proposals
 from predet.models.precision import Float32AnchorGenerator
 from predet.models.roi_pool import SparseMultiScaleRoIAlign
 from predet.models.weak_head import WeakLabelHead, weak_label_loss
-from predet.views import colour_views
+from predet.views import as_float_images, colour_views
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,9 +104,7 @@ class PreDet(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (as the loader sends them) or [0, 1] float images -> the backbone's input."""
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
-        return (images - self.pixel_mean) / self.pixel_std
+        return (as_float_images(images) - self.pixel_mean) / self.pixel_std
 
     @staticmethod
     def views(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
