@@ -26,6 +26,7 @@ from helpers import two_view_batch  # noqa: E402
 
 from predet.models.crpn import QueryConditionedRPN, per_query_conv_loop  # noqa: E402
 from predet.models.predet import ModelConfig, PreDet  # noqa: E402
+from predet.views import colour_views  # noqa: E402
 
 
 def sync(device):
@@ -88,6 +89,9 @@ def fasterrcnn_like(model_cfg: ModelConfig, predet: PreDet, size: int) -> Faster
 def step_ratio(model_cfg: ModelConfig, n: int, size: int, q: int, reps: int, device) -> dict:
     torch.manual_seed(0)
     batch = two_view_batch(n=n, size=size, q=q, num_classes=10)
+    if device.type == "cpu":  # as a CPU run's loader sends them: colour changes applied in its workers
+        for view, colour in (("view1", "colour1"), ("view2", "colour2")):
+            batch[view] = colour_views(batch[view], batch.pop(colour))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     predet = PreDet(10, model_cfg).to(device)
     frcnn = fasterrcnn_like(model_cfg, PreDet(10, model_cfg), size).to(device)

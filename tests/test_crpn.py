@@ -1,7 +1,12 @@
 import torch
 
 from helpers import tiny_model, two_view_batch
-from predet.models.crpn import QueryConditionedRPN, anchor_labels, query_loop_reference, sample_anchors
+import pytest
+from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
+
+from predet.models.crpn import (QueryConditionedRPN, anchor_labels, query_loop_reference, query_proposals, ranked_nms,
+                                sample_anchors)
+from predet.models.precision import Float32BoxCoder
 
 
 def random_crpn(seed=0):
@@ -50,6 +55,18 @@ def test_gathered_deltas_equal_dense_ones():
     torch.testing.assert_close(crpn.gather_deltas(trunk, dw, db, img, query, anchor), dense[img, query, anchor])
 
 
+def test_ranked_deltas_equal_gathered_ones():
+    crpn, feats, queries = random_crpn(4)
+    trunk = crpn.trunk_features(feats)
+    _, _, dw, db = crpn.dynamic_weights(queries)
+    n, q = queries.shape[:2]
+    anchor = torch.randint(0, trunk.shape[2] * crpn.num_anchors, (n, q, 7), generator=torch.Generator().manual_seed(0))
+    img = torch.arange(n).view(n, 1, 1).expand_as(anchor).reshape(-1)
+    query = torch.arange(q).view(1, q, 1).expand_as(anchor).reshape(-1)
+    gathered = crpn.gather_deltas(trunk, dw, db, img, query, anchor.reshape(-1))
+    torch.testing.assert_close(crpn.ranked_deltas(trunk, dw, db, anchor).reshape(-1, 4), gathered)
+
+
 def test_anchor_equal_to_query_is_positive_and_far_anchors_negative():
     anchors = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 12, 12], [100, 0, 140, 30.0]])
     labels = anchor_labels(anchors, torch.tensor([[0, 0, 10, 10.0]]), fg_iou=0.7, bg_iou=0.3)
@@ -78,3 +95,55 @@ def test_anchor_sampling_is_balanced():
     assert pos.sum(1).tolist() == [128, 5, 0]
     assert (pos.sum(1) + neg.sum(1)).tolist() == [256, 256, 256]
     assert not (pos & (labels != 1)).any() and not (neg & (labels != 0)).any()
+
+
+def clustered_boxes(groups, k, seed):
+    """Boxes in a few tight clusters per row (so NMS suppresses many), sorted by random scores."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(groups, 4, 2, generator=g) * 60
+    pick = torch.randint(0, 4, (groups, k), generator=g)
+    xy = torch.gather(centres, 1, pick[..., None].expand(-1, -1, 2)) + torch.randn(groups, k, 2, generator=g) * 2
+    wh = 4 + torch.rand(groups, k, 2, generator=g) * 16
+    boxes = torch.cat([xy, xy + wh], -1)
+    boxes[:, ::7, 2:] = boxes[:, ::7, :2]  # degenerate boxes: invalid, must not suppress
+    scores = torch.rand(groups, k, generator=g).sort(1, descending=True).values
+    return boxes, scores
+
+
+@pytest.mark.parametrize("thresh", [0.3, 0.5, 0.7])
+def test_ranked_nms_keeps_what_torchvision_nms_keeps_row_by_row(thresh):
+    boxes, scores = clustered_boxes(40, 48, seed=int(thresh * 10))
+    valid = ((boxes[..., 2] - boxes[..., 0]) >= 1e-3) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-3)
+    kept = ranked_nms(boxes, valid, thresh)
+    for row in range(len(boxes)):
+        idx = valid[row].nonzero()[:, 0]
+        expected = torch.zeros(boxes.shape[1], dtype=torch.bool)
+        expected[idx[nms(boxes[row, idx], scores[row, idx], thresh)]] = True
+        assert torch.equal(kept[row], expected), row
+    assert 0.1 < kept.float().mean() < 0.9  # the case is not trivial: many suppressed, many kept
+
+
+def test_query_proposals_equal_per_query_torchvision_nms():
+    crpn, feats, queries = random_crpn(5)
+    crpn = crpn.float()
+    feats = [f.detach().float() for f in feats]
+    trunk = crpn.trunk_features(feats)
+    sw, sb, dw, db = crpn.dynamic_weights(queries.detach().float())
+    scores = crpn.scores(trunk, sw, sb)
+    n, q, total = scores.shape
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(total, 2, generator=g) * 40
+    anchors = torch.cat([xy, xy + 4 + torch.rand(total, 2, generator=g) * 20], 1)
+    size, k, top = (48, 40), 30, 8
+    boxes, valid = query_proposals(crpn, trunk, scores, dw, db, anchors, size, pre_nms_top_n=k,
+                                   nms_thresh=0.5, post_nms_top_n=top)
+    coder = Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    for i in range(n):
+        for j in range(q):
+            s, a = scores[i, j].topk(k)
+            dense = crpn.dense_deltas(trunk, dw, db)[i, j, a]
+            b = clip_boxes_to_image(coder.decode_single(dense, anchors[a]), size)
+            large = remove_small_boxes(b, 1e-3)
+            keep = large[nms(b[large], s[large], 0.5)][:top]
+            assert valid[i, j].sum() == len(keep)
+            torch.testing.assert_close(boxes[i, j, :len(keep)], b[keep], atol=1e-4, rtol=0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from predet.models.roi_pool import SparseMultiScaleRoIAlign
+from predet.models.roi_pool import SparseMultiScaleRoIAlign, bags_to_csr
 
 NAMES = ["0", "1", "2", "3"]
 
@@ -87,3 +87,36 @@ def test_what_the_sparse_path_does_not_cover_still_equals_torchvision(kwargs):
     ours = SparseMultiScaleRoIAlign(NAMES, **kwargs)(maps, boxes, [(64, 64)] * 2)
     theirs = MultiScaleRoIAlign(NAMES, **kwargs)(maps, boxes, [(64, 64)] * 2)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_the_backward_matrix_is_a_valid_csr_equal_to_the_coalesced_sums():
+    g = torch.Generator().manual_seed(0)
+    cols = torch.randint(0, 30, (50, 16), generator=g)  # many shared positions per row
+    cols[7] = 3  # a row that is one position 16 times
+    vals = torch.rand(50, 16, generator=g, dtype=torch.float64)
+    m = bags_to_csr(cols, vals, 30)
+    torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape, check_invariants=True)
+    rows = torch.arange(50).repeat_interleave(16)
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols.reshape(-1)]), vals.reshape(-1), (50, 30),
+                                  check_invariants=True).coalesce()
+    torch.testing.assert_close(m.to_dense(), coo.to_dense(), rtol=0, atol=1e-12)
+
+
+def test_box_head_on_the_cpu_pools_layout_equals_the_plain_head():
+    # the sparse path returns channels-last pooled features; box_features folds that layout
+    # into fc6's weight: the same features and gradients as the plain head on a contiguous copy
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+    from predet.models.predet import box_features
+
+    torch.manual_seed(0)
+    head = TwoMLPHead(8 * 49, 16).double()
+    maps = fpn_maps(2, 64)
+    maps = {k: v.double().detach().requires_grad_() for k, v in maps.items()}
+    pooled = SparseMultiScaleRoIAlign(NAMES, 7, 2, canonical_scale=64)(maps, random_boxes(2, 10, 64), [(64, 64)] * 2)
+    assert not pooled.is_contiguous()
+    ours, plain = box_features(head, pooled), head(pooled.contiguous())
+    torch.testing.assert_close(ours, plain)
+    params = [head.fc6.weight, head.fc6.bias, maps["0"], maps["1"]]
+    grads_ours = torch.autograd.grad(ours.sum(), params, retain_graph=True)
+    for a, b in zip(grads_ours, torch.autograd.grad(plain.sum(), params)):
+        torch.testing.assert_close(a, b)

@@ -127,3 +127,13 @@ def test_collated_views_equal_stacked_views_and_reach_the_model_channel_planar()
         floats = as_float_images(batch[key])
         assert floats.is_contiguous() and floats.dtype == torch.float32
         assert torch.equal(floats, torch.stack([s[key] for s in samples]).float() / 255)
+
+
+def test_colours_applied_in_a_cpu_loader_equal_those_applied_on_the_device():
+    cfg = ViewConfig(size=40, num_queries=2, min_query_px=4, jitter=0.4, hue=0.1, grayscale_p=0.3)
+    samples = [dict(make_two_views(smooth_image(s, 80, 64), s, cfg), labels=torch.zeros(2)) for s in range(6)]
+    on_device, in_loader = collate_two_view(samples), collate_two_view(samples, colour_in_loader=True)
+    assert "colour1" not in in_loader and in_loader["view1"].dtype == torch.float32
+    for view, colour in (("view1", "colour1"), ("view2", "colour2")):
+        assert not torch.equal(on_device[colour][0], on_device[colour][1])  # real, different changes
+        assert torch.equal(in_loader[view], colour_views(on_device[view], on_device[colour]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from predet.data.weak import (
 )
 from predet.detection.schedules import scale_solver
 from predet.engine.distributed import get_rank, get_world_size
-from predet.engine.launch import launched
+from predet.engine.launch import launched, resolve_device
 from predet.engine.optim import check_solver
 from predet.engine.runfolder import run_folder
 from predet.engine.trainer import TrainResult, check_train_config, train
@@ -26,7 +27,7 @@ from predet.models.backbone import BACKBONES
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
 from predet.runlog import run_log
-from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, decorrelated_colours, stack_images
+from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, colour_views, decorrelated_colours, stack_images
 
 
 @dataclass
@@ -56,8 +57,13 @@ def load_pretrain_config(path=None, overrides=()) -> PretrainConfig:
     return load_config(PretrainConfig, path, overrides)
 
 
-def collate_two_view(samples: list[dict]) -> dict:
-    """Stack the two-view samples that decoded; skipped images travel along for counting."""
+def collate_two_view(samples: list[dict], colour_in_loader: bool = False) -> dict:
+    """Stack the two-view samples that decoded; skipped images travel along for counting.
+
+    ``colour_in_loader``: apply the views' colour changes here, in the loader worker, and send
+    float views. For CPU training: the workers share the step's cores but run beside it, so the
+    jitter (5 % of a CPU recipe step in the main process) is hidden there; on a GPU it belongs on
+    the device (uint8 views, :func:`predet.views.colour_views` in the model)."""
     batch = collate_weak(samples)
     kept = batch["samples"]
     out = {"skipped": batch["skipped"], "damaged_shards": batch["damaged_shards"], "num_images": len(kept),
@@ -67,6 +73,9 @@ def collate_two_view(samples: list[dict]) -> dict:
             out[key] = stack_images([s[key] for s in kept])
         for key in ("colour1", "colour2", "b1", "b2", "transform1", "transform2"):
             out[key] = torch.stack([s[key] for s in kept])
+        if colour_in_loader:
+            for view, colour in (("view1", "colour1"), ("view2", "colour2")):
+                out[view] = colour_views(out[view], out.pop(colour))
     return out
 
 
@@ -110,19 +119,21 @@ def resolve_solver(cfg: PretrainConfig, world_size: int | None = None) -> Solver
 
 def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: int, world: int):
     """A loader that resumes exactly: batch ``i`` depends only on (seed, i)."""
-    pin = torch.cuda.is_available() and cfg.train.device != "cpu"  # pinned pages: async copies to the GPU
+    on_gpu = resolve_device(cfg.train.device).type == "cuda"
+    pin = on_gpu  # pinned pages: async copies to the GPU
+    collate = functools.partial(collate_two_view, colour_in_loader=not on_gpu)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         if hasattr(dataset, "resumed_at"):
             dataset = dataset.resumed_at(start_iter, cfg.train.batch_size)
         return DataLoader(
             dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-            collate_fn=collate_two_view, persistent_workers=False, pin_memory=pin,
+            collate_fn=collate, persistent_workers=False, pin_memory=pin,
         )
     sampler = DeterministicBatchSampler(
         len(dataset), cfg.train.batch_size, cfg.train.seed, start_iter=start_iter, rank=rank, world_size=world
     )
     return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate_two_view,
+        dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate,
         persistent_workers=False, prefetch_factor=4 if cfg.train.num_workers else None, pin_memory=pin,
     )
 
