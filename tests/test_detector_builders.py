@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
 
 from predet.detection.models import (
     DetectorConfig,
@@ -12,8 +16,10 @@ from predet.detection.models import (
     accepted_kwargs,
     build_detector,
     construct,
+    with_torchvision_poolers,
 )
 from predet.models.backbone import build_backbone
+from predet.models.roi_pool import SparseMultiScaleRoIAlign
 
 TINY = dict(backbone="resnet18", fpn_channels=32, box_head_dim=64, mask_head_dim=16)
 ODD = dict(detections_per_image=300, score_thresh=0.123, min_size=96, max_size=160,
@@ -49,3 +55,55 @@ def test_a_keyword_torchvision_would_swallow_is_an_error(cls):
     backbone = build_backbone("resnet18", "frozen_bn", 32)
     with pytest.raises(TypeError, match=typo):
         construct(cls, backbone, 2, **{typo: 5})
+
+
+def _batch(n=2, size=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size - 16 * i, generator=g) for i in range(n)]
+    targets = []
+    for i in range(n):
+        xy = torch.rand(4, 2, generator=g) * (size - 40)
+        wh = 8 + torch.rand(4, 2, generator=g) * 30
+        boxes = torch.cat([xy, xy + wh], 1)
+        masks = torch.zeros(4, size, size - 16 * i, dtype=torch.uint8)
+        for k, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):
+            masks[k, y1:y2, x1:x2] = 1
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 4, (4,), generator=g), "masks": masks})
+    return images, targets
+
+
+@pytest.mark.parametrize("arch", ["mask_rcnn", "faster_rcnn"])
+def test_cpu_poolers_train_and_predict_like_torchvisions(arch):
+    # the detectors pool with predet's CPU RoIAlign and a box head that takes its layout; with
+    # torchvision's own modules on the same weights and draws: the same losses, gradients and
+    # detections
+    cfg = DetectorConfig(arch=arch, norm="bn", freeze_at=0, **TINY, min_size=96, max_size=96)
+    torch.manual_seed(0)
+    ours = build_detector(cfg, num_classes=3).double()
+    assert isinstance(ours.roi_heads.box_roi_pool, SparseMultiScaleRoIAlign)
+    theirs = with_torchvision_poolers(copy.deepcopy(ours))
+    assert type(theirs.roi_heads.box_roi_pool) is MultiScaleRoIAlign
+    images, targets = _batch()
+    images = [im.double() for im in images]
+    targets = [{k: v.double() if k == "boxes" else v for k, v in t.items()} for t in targets]
+    losses, grads = [], []
+    for model in (ours, theirs):
+        torch.manual_seed(1)  # the same proposal and RoI samples
+        out = model(images, targets)
+        model.zero_grad()
+        sum(out.values()).backward()
+        losses.append(out)
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert set(losses[0]) == set(losses[1])
+    for k in losses[0]:
+        torch.testing.assert_close(losses[0][k], losses[1][k], rtol=1e-9, atol=1e-9)
+    assert set(grads[0]) == set(grads[1]) and "roi_heads.box_head.fc6.weight" in grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-7, atol=1e-9, msg=k)
+    ours.eval(), theirs.eval()
+    ours.roi_heads.score_thresh = theirs.roi_heads.score_thresh = 0.0  # untrained: keep every box
+    with torch.no_grad():
+        for a, b in zip(ours(images), theirs(images)):
+            assert len(a["boxes"]) > 0 and set(a) == set(b)
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-7, atol=1e-9, msg=k)

@@ -103,18 +103,18 @@ def test_the_backward_matrix_is_a_valid_csr_equal_to_the_coalesced_sums():
 
 
 def test_box_head_on_the_cpu_pools_layout_equals_the_plain_head():
-    # the sparse path returns channels-last pooled features; box_features folds that layout
-    # into fc6's weight: the same features and gradients as the plain head on a contiguous copy
+    # the sparse path returns channels-last pooled features; BoxHead folds that layout into
+    # fc6's weight: the same features and gradients as torchvision's head on a contiguous copy
     from torchvision.models.detection.faster_rcnn import TwoMLPHead
-    from predet.models.predet import box_features
+    from predet.models.roi_pool import BoxHead
 
     torch.manual_seed(0)
-    head = TwoMLPHead(8 * 49, 16).double()
+    head = BoxHead(8 * 49, 16).double()
     maps = fpn_maps(2, 64)
     maps = {k: v.double().detach().requires_grad_() for k, v in maps.items()}
     pooled = SparseMultiScaleRoIAlign(NAMES, 7, 2, canonical_scale=64)(maps, random_boxes(2, 10, 64), [(64, 64)] * 2)
     assert not pooled.is_contiguous()
-    ours, plain = box_features(head, pooled), head(pooled.contiguous())
+    ours, plain = head(pooled), TwoMLPHead.forward(head, pooled.contiguous())
     torch.testing.assert_close(ours, plain)
     params = [head.fc6.weight, head.fc6.bias, maps["0"], maps["1"]]
     grads_ours = torch.autograd.grad(ours.sum(), params, retain_graph=True)

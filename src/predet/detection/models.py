@@ -19,12 +19,15 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import Bottleneck
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from predet.models.backbone import build_backbone
 from predet.models.precision import float32_box_geometry
+from predet.models.roi_pool import BoxHead, SparseMultiScaleRoIAlign
 
 ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
+LEVELS = ["0", "1", "2", "3"]  # the FPN maps the RoI heads pool from (P2-P5)
 
 
 @dataclass
@@ -171,7 +174,10 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
-        box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_dim),
+        # torchvision's default poolers and box head, with the CPU's faster RoIAlign (the same
+        # numbers; its backward was a third of a CPU fine-tuning step): models/roi_pool.py
+        box_roi_pool=SparseMultiScaleRoIAlign(LEVELS, output_size=7, sampling_ratio=2),
+        box_head=BoxHead(c * 7 * 7, cfg.box_head_dim),
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_score_thresh=cfg.score_thresh,
@@ -183,6 +189,22 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
     m = cfg.mask_head_dim
     return float32_box_geometry(construct(
         PredetMaskRCNN,
-        backbone, None, mask_head=MaskRCNNHeads(c, [m] * 4, 1),
+        backbone, None, mask_roi_pool=SparseMultiScaleRoIAlign(LEVELS, output_size=14, sampling_ratio=2),
+        mask_head=MaskRCNNHeads(c, [m] * 4, 1),
         mask_predictor=MaskRCNNPredictor(m, m, num_classes + 1), **kwargs,
     ))
+
+
+def with_torchvision_poolers(detector: nn.Module) -> nn.Module:
+    """The same detector with torchvision's own RoIAlign modules and box head: the reference
+    predet's CPU pooling is tested and benchmarked against. Changes ``detector`` in place."""
+    roi = getattr(detector, "roi_heads", None)
+    if roi is None:  # RetinaNet pools nothing
+        return detector
+    roi.box_roi_pool = MultiScaleRoIAlign(LEVELS, output_size=7, sampling_ratio=2)
+    head = TwoMLPHead(roi.box_head.fc6.in_features, roi.box_head.fc6.out_features).to(roi.box_head.fc6.weight)
+    head.load_state_dict(roi.box_head.state_dict())
+    roi.box_head = head
+    if roi.has_mask():
+        roi.mask_roi_pool = MultiScaleRoIAlign(LEVELS, output_size=14, sampling_ratio=2)
+    return detector

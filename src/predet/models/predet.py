@@ -10,16 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 
 from predet.models.backbone import build_backbone
 from predet.models.contrastive import ContrastiveRoIHead, sample_query_rois
 from predet.models.crpn import CRPNLoss, QueryConditionedRPN, query_proposals
 from predet.models.precision import Float32AnchorGenerator
-from predet.models.roi_pool import SparseMultiScaleRoIAlign
+from predet.models.roi_pool import BoxHead, SparseMultiScaleRoIAlign
 from predet.models.weak_head import WeakLabelHead, weak_label_loss
 from predet.views import as_float_images, colour_views
 
@@ -78,7 +76,7 @@ class PreDet(nn.Module):
         )
         self.roi_align = SparseMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,
                                                   canonical_scale=model.roi_canonical_scale)
-        self.box_head = TwoMLPHead(model.fpn_channels * 7 * 7, model.box_head_dim)
+        self.box_head = BoxHead(model.fpn_channels * 7 * 7, model.box_head_dim)
         self.crpn = QueryConditionedRPN(
             model.fpn_channels, model.box_head_dim, len(model.aspect_ratios), model.crpn_hidden, model.crpn_init_std
         )
@@ -123,7 +121,7 @@ class PreDet(nn.Module):
 
     def embed_boxes(self, fpn: dict, boxes: torch.Tensor, size) -> torch.Tensor:
         """Box-head features of (N, K, 4) boxes, flattened to (N*K, D)."""
-        return box_features(self.box_head, self.roi_align(fpn, list(boxes), [size] * boxes.shape[0]))
+        return self.box_head(self.roi_align(fpn, list(boxes), [size] * boxes.shape[0]))
 
     @staticmethod
     def split_views(fpn: dict, n: int):
@@ -170,25 +168,12 @@ class PreDet(nn.Module):
             rois, roi_image = sample_query_rois(proposals, valid, b2, m.rois_per_query, m.roi_pos_fraction, m.roi_pos_iou)
             # RoIs come grouped by image, the order MultiScaleRoIAlign concatenates them in.
             roi_boxes = [rois[roi_image == i] for i in range(n)]
-            roi_feats = box_features(self.box_head, self.roi_align(fpn2, roi_boxes, [size] * n))
+            roi_feats = self.box_head(self.roi_align(fpn2, roi_boxes, [size] * n))
             losses = self.roi_head(z, roi_feats, rois, roi_image, b2)
             out["loss_nce"] = lam.lambda_roi * losses["loss_nce"]
             out["loss_roi_reg"] = lam.lambda_roi * losses["loss_roi_reg"]
             out["acc_nce"] = losses["acc_nce"]
         return out
-
-
-def box_features(head: TwoMLPHead, pooled: torch.Tensor) -> torch.Tensor:
-    """``head(pooled)``; for channels-last pooled features (the CPU RoIAlign's layout) fc6's
-    weight is permuted to match instead: a copy of the weight, not of every RoI's features and
-    their gradient (3 % of a CPU pre-training step)."""
-    r, c, h, w = pooled.shape
-    cells_last = pooled.permute(0, 2, 3, 1)
-    if pooled.is_contiguous() or not cells_last.is_contiguous():
-        return head(pooled)
-    fc6 = head.fc6
-    weight = fc6.weight.view(fc6.out_features, c, h, w).permute(0, 2, 3, 1).reshape(fc6.out_features, -1)
-    return F.relu(head.fc7(F.relu(F.linear(cells_last.reshape(r, -1), weight, fc6.bias))))
 
 
 def build_predet(num_classes: int, model: ModelConfig | None = None, loss: LossConfig | None = None) -> PreDet:
