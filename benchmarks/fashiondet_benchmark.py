@@ -89,6 +89,9 @@ def pretrain_task(out: Path, data: Path, name: str, extra: list[str]):
         outcome = run_command(cmd, run_dir / "log.txt", thread_env(1))
         if outcome["returncode"] != 0:
             raise RuntimeError(f"pre-training {name} failed:\n{outcome['error']}")
+        # the CPU cost a scale curve plots (the invocation that finished it: a resumed run's
+        # earlier part is not counted)
+        (run_dir / "timing.json").write_text(json.dumps({"seconds": outcome["seconds"], "threads": 1}) + "\n")
         print(f"== pre-training {name}: finished in {outcome['seconds'] / 60:.1f} min", flush=True)
 
     return task

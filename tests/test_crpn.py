@@ -147,3 +147,14 @@ def test_query_proposals_equal_per_query_torchvision_nms():
             keep = large[nms(b[large], s[large], 0.5)][:top]
             assert valid[i, j].sum() == len(keep)
             torch.testing.assert_close(boxes[i, j, :len(keep)], b[keep], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("max_keep", [1, 3, 8, 100])
+def test_ranked_nms_stopped_early_keeps_each_rows_first_boxes(max_keep):
+    # stopping once every row has max_keep boxes must not change those boxes
+    boxes, _ = clustered_boxes(30, 48, seed=max_keep)
+    valid = ((boxes[..., 2] - boxes[..., 0]) >= 1e-3) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-3)
+    full, early = ranked_nms(boxes, valid, 0.5), ranked_nms(boxes, valid, 0.5, max_keep=max_keep)
+    first = full & (full.cumsum(1) <= max_keep)
+    assert torch.equal(early & (early.cumsum(1) <= max_keep), first)
+    assert not (early & ~full).any()

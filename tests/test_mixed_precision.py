@@ -119,13 +119,13 @@ def test_bf16_pretraining_learns_as_float32_does(fashiondet_tiny, tmp_path):
     seed: both lower the loss, and bf16's curve stays with float32's."""
     curves = {}
     for amp in ("none", "bf16"):
-        cfg = tiny_pretrain_config(fashiondet_tiny / "weak", tmp_path / amp, 10, **{
+        cfg = tiny_pretrain_config(fashiondet_tiny / "weak", tmp_path / amp, 20, **{
             "solver.amp": amp, "solver.lr": 0.02, "data.views.size": 32, "data.views.min_query_px": 4,
             "train.batch_size": 2, "data.views.jitter": 0.0})
-        assert pretrain(cfg).iteration == 10
+        assert pretrain(cfg).iteration == 20
         curves[amp] = _losses(tmp_path / amp)
-    for curve in curves.values():
-        assert sum(curve[-3:]) < sum(curve[:3]), curves
+    for curve in curves.values():  # 20 steps of batch 2: one step's noise is ~0.05, the drop ~0.15
+        assert sum(curve[-5:]) < sum(curve[:5]), curves
     gap = max(abs(a - b) / a for a, b in zip(curves["none"], curves["bf16"]))
     assert gap < 0.05, curves  # bf16 rounds the features, not the geometry: the same run, nearly
 

@@ -173,12 +173,14 @@ class CRPNLoss(nn.Module):
         return {"loss_crpn_score": loss_score, "loss_crpn_reg": loss_reg}
 
 
-def ranked_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float) -> torch.Tensor:
+def ranked_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float, max_keep: int | None = None) -> torch.Tensor:
     """Greedy NMS in every row at once: ``boxes`` (G, K, 4), each row sorted by decreasing
     score, ``valid`` (G, K) -> kept (G, K). The same boxes as torchvision's ``nms`` on each row
     (its IoU arithmetic, ``> iou_thresh`` suppresses; invalid boxes neither kept nor
     suppressing), computed for all rows at once instead of one ``nms`` call per (image, query),
-    which on the CPU was a tenth of a pre-training step."""
+    which on the CPU was a tenth of a pre-training step. With ``max_keep``, only each row's
+    first ``max_keep`` kept boxes are exact (later ones may be missing): the pass stops once
+    every row has that many or nothing left."""
     x1, y1, x2, y2 = boxes.unbind(-1)
     area = (x2 - x1) * (y2 - y1)
     w = (torch.minimum(x2[:, :, None], x2[:, None]) - torch.maximum(x1[:, :, None], x1[:, None])).clamp_(min=0)
@@ -187,10 +189,15 @@ def ranked_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float) -> t
     overlaps = inter / (area[:, :, None] + area[:, None, :] - inter) > iou_thresh  # (G, K, K)
     suppressed = ~valid
     kept = torch.zeros_like(valid)
+    count = torch.zeros(len(boxes), dtype=torch.long, device=boxes.device)
     for i in range(boxes.shape[1]):  # K small steps, each over every row
         keep_i = ~suppressed[:, i]
         kept[:, i] = keep_i
         suppressed |= overlaps[:, i] & keep_i[:, None]
+        if max_keep is not None and i % 8 == 7:  # a check costs a sync: not every step
+            count += kept[:, i - 7 : i + 1].sum(1)
+            if bool(((count >= max_keep) | suppressed[:, i + 1 :].all(1)).all()):
+                break
     return kept
 
 
@@ -207,7 +214,7 @@ def query_proposals(crpn, trunk, scores, delta_w, delta_b, anchors, image_size,
     boxes = box_coder.decode_single(deltas, anchors[top_anchor.reshape(-1)])
     boxes = clip_boxes_to_image(boxes, image_size).view(n * q, k, 4)
     large = ((boxes[..., 2] - boxes[..., 0]) >= 1e-3) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-3)
-    kept = ranked_nms(boxes, large, nms_thresh)
+    kept = ranked_nms(boxes, large, nms_thresh, max_keep=post_nms_top_n)
     rank = kept.cumsum(1) - 1  # a kept box's place among its row's kept boxes
     take = kept & (rank < post_nms_top_n)
     g, col = take.nonzero(as_tuple=True)

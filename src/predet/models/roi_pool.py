@@ -23,19 +23,22 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
 
-def _sample_weights(start: Tensor, length: Tensor, size: int, bins: int, ratio: int):
+def _sample_weights(start: Tensor, length: Tensor, size: Tensor, bins: int, ratio: int):
     """Per RoI, the two neighbours and their weights along one axis for every sample point:
     indices and weights of shape (R, bins, ratio, 2), following torchvision's bilinear rule
-    (outside [-1, size]: zero; below 0: 0; at or past size - 1: the last row)."""
+    (outside [-1, size]: zero; below 0: 0; at or past size - 1: the last row). ``size`` is each
+    RoI's level's extent along the axis, (R,)."""
     steps = (torch.arange(bins * ratio, dtype=start.dtype, device=start.device) + 0.5) / ratio
     pos = start[:, None] + steps[None] * (length / bins)[:, None]
+    size = size.to(pos.dtype)[:, None]
     inside = (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(0.0, size - 1.0)  # before the cast: a huge coordinate must not overflow int64
-    low = pos.floor().long()
-    pos = torch.where(low >= size - 1, low.to(pos.dtype), pos)
-    high = (low + 1).clamp(max=size - 1)
+    last = size - 1.0
+    pos = torch.minimum(pos.clamp(min=0.0), last)  # before the cast: a huge coordinate must not overflow int64
+    low = pos.floor()
+    pos = torch.where(low >= last, low, pos)
+    high = torch.minimum(low + 1, last)
     frac = pos - low
-    index = torch.stack([low, high], -1)
+    index = torch.stack([low, high], -1).long()
     weight = torch.stack([1.0 - frac, frac], -1) * inside[..., None]
     shape = (len(start), bins, ratio, 2)
     return index.view(shape), weight.view(shape)
@@ -49,33 +52,27 @@ def roi_align_bags(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, in
     after another.
 
     ``rois`` is (R, 5) ``[image, x1, y1, x2, y2]``; ``shapes`` is (N, H, W) per level; each cell
-    averages the ``sampling_ratio**2`` bilinear samples that fall in it."""
+    averages the ``sampling_ratio**2`` bilinear samples that fall in it. All levels at once:
+    each RoI carries its level's scale, size and offset."""
     r, out, s = len(rois), output_size, sampling_ratio
     dtype, device = rois.dtype, rois.device
     scale = torch.tensor(scales, dtype=dtype, device=device)[levels]
     sizes = [n * h * w for n, h, w in shapes]
-    offsets = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)[levels]
+    offset = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)[levels]
+    h = torch.tensor([hh for _, hh, _ in shapes], device=device)[levels]
+    w = torch.tensor([ww for _, _, ww in shapes], device=device)[levels]
     x1, y1, x2, y2 = (rois[:, 1:] * scale[:, None]).unbind(1)
+    iy, wy = _sample_weights(y1, (y2 - y1).clamp(min=1.0), h, out, s)
+    ix, wx = _sample_weights(x1, (x2 - x1).clamp(min=1.0), w, out, s)
+    # (RoI, cell row i, cell col j, sample y, sample x, corner y, corner x)
+    iy, wy = iy.view(r, out, 1, s, 1, 2, 1), wy.view(r, out, 1, s, 1, 2, 1)
+    ix, wx = ix.view(r, 1, out, 1, s, 1, 2), wx.view(r, 1, out, 1, s, 1, 2)
+    per_roi = (r, 1, 1, 1, 1, 1, 1)
+    image = rois[:, 0].long().view(per_roi)
+    cols = offset.view(per_roi) + (image * h.view(per_roi) + iy) * w.view(per_roi) + ix
+    vals = wy * wx / (s * s)
     k = 4 * s * s
-    cols = torch.zeros(r, out * out, k, dtype=torch.long, device=device)
-    vals = torch.zeros(r, out * out, k, dtype=dtype, device=device)
-    # the bilinear rule needs each level's own size; RoIs are few per level, levels few
-    for level, (_, h, w) in enumerate(shapes):
-        idx = (levels == level).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            continue
-        iy, wy = _sample_weights(y1[idx], (y2[idx] - y1[idx]).clamp(min=1.0), h, out, s)
-        ix, wx = _sample_weights(x1[idx], (x2[idx] - x1[idx]).clamp(min=1.0), w, out, s)
-        m = len(idx)
-        # (RoI, cell row i, cell col j, sample y, sample x, corner y, corner x)
-        iy, wy = iy.view(m, out, 1, s, 1, 2, 1), wy.view(m, out, 1, s, 1, 2, 1)
-        ix, wx = ix.view(m, 1, out, 1, s, 1, 2), wx.view(m, 1, out, 1, s, 1, 2)
-        image = rois[idx, 0].long().view(m, 1, 1, 1, 1, 1, 1)
-        col, val = torch.broadcast_tensors(offsets[idx].view(m, 1, 1, 1, 1, 1, 1) + (image * h + iy) * w + ix,
-                                           wy * wx / (s * s))
-        cols[idx] = col.reshape(m, out * out, k)
-        vals[idx] = val.reshape(m, out * out, k)
-    return cols.view(-1, k), vals.view(-1, k)
+    return cols.reshape(-1, k), vals.reshape(-1, k)
 
 
 def bags_to_csr(cols: Tensor, vals: Tensor, num_positions: int) -> Tensor:
