@@ -523,3 +523,127 @@ def test_more_damaged_shards_than_allowed_stop_the_run_with_one_line(weak_set, s
     assert any(path in err[0] for path in bad)
     listed = (tmp_path / "run" / "skipped.jsonl").read_text()
     assert all(path in listed for path in bad)
+
+
+# ----------------------------------------------------------------------------- pre-emption (issue 21)
+
+PREEMPT_ITERS = 40
+
+
+def _preemptible_run(weak_set, shards, run: Path, **extra) -> subprocess.Popen:
+    """``predet pretrain`` on shards with two loader workers, in its own process group (as a
+    terminal's or a scheduler's job is), logging every step and checkpointing only at the end."""
+    from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
+
+    items = {"data.train": shards, "data.vocab": shards / "vocab.json", "train.num_workers": 2,
+             "train.checkpoint_period": 1000, "train.log_period": 1, **extra}
+    args = ["pretrain", "--config", str(CPU_PRETRAIN_CONFIG), *tiny_pretrain_overrides(weak_set, run, PREEMPT_ITERS, **items)]
+    return subprocess.Popen([sys.executable, "-m", "predet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _logged_iteration(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line).get("iteration", 0) for line in lines if line.strip()), default=0)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_is_bit_exact(weak_set, shards, tmp_path, signum):
+    # SIGTERM is what SLURM and Kubernetes send before a pre-emption; SIGINT (Ctrl-C) reaches the
+    # whole process group, loader workers included
+    run = tmp_path / "run"
+    proc = _preemptible_run(weak_set, shards, run)
+    try:
+        _wait_for(lambda: _logged_iteration(run) >= 3 or proc.poll() is not None, 300, "three logged steps")
+        os.killpg(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("predet pretrain:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} at iteration" in lines[0] and "train.resume=true" in lines[0]
+    stopped_at = int(lines[0].split("at iteration ")[1].split()[0])
+    assert 3 <= stopped_at < PREEMPT_ITERS
+    assert latest_checkpoint(run).name == f"checkpoint_{stopped_at:07d}.pth" and not (run / ".lock").exists()
+    assert not (run / "checkpoints" / "model_final.pth").exists()
+    extra = {"train.num_workers": 2, "train.checkpoint_period": 1000}
+    cfg = shard_config(weak_set, shards, run, **extra)
+    cfg = replace(cfg, solver=replace(cfg.solver, max_iters=PREEMPT_ITERS))
+    pretrain(replace(cfg, train=replace(cfg.train, resume=True)))
+    straight = replace(cfg, train=replace(cfg.train, run_dir=str(tmp_path / "straight")))
+    pretrain(straight)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
+
+
+def test_a_second_signal_stops_at_once():
+    script = ("import os, signal, sys\n"
+              "from predet.engine.preemption import StopSignals\n"
+              "with StopSignals() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    assert stop.requested() == signal.SIGTERM\n"
+              "    print('first taken', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    print('still alive', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["first", "taken"]
+
+
+def test_ctrl_c_outside_training_is_one_line(tmp_path):
+    # building data, evaluating: no checkpoint to write, but no traceback either
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "predet", "data", "fashiondet", "--out", str(out), "--size", "small"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: out.exists() or proc.poll() is not None, 120, "the build to start")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "predet data: interrupted", stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
+def _contend_for_lock(folder: str, barrier, holders, results, index: int) -> None:
+    from predet.engine.runfolder import acquire_lock, release_lock
+    from predet.errors import RunLocked
+
+    barrier.wait()
+    try:
+        lock = acquire_lock(folder)
+    except RunLocked:
+        results[index] = 0
+        barrier.wait()
+        return
+    with holders.get_lock():
+        holders.value += 1
+    results[index] = 1
+    barrier.wait()  # hold it until every contender has tried
+    release_lock(lock)
+
+
+def test_a_stale_lock_taken_over_by_many_at_once_has_one_holder(tmp_path):
+    ctx = torch.multiprocessing.get_context("fork")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    contenders = 4
+    for round_ in range(25):
+        folder = tmp_path / f"r{round_}"
+        folder.mkdir()
+        (folder / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        barrier, holders = ctx.Barrier(contenders), ctx.Value("i", 0)
+        results = ctx.Array("i", [-1] * contenders)
+        procs = [ctx.Process(target=_contend_for_lock, args=(str(folder), barrier, holders, results, i))
+                 for i in range(contenders)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert all(p.exitcode == 0 for p in procs)
+        assert holders.value == 1 and sorted(results) == [0] * (contenders - 1) + [1], (round_, list(results))
+        assert not (folder / ".lock").exists()

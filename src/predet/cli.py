@@ -8,6 +8,7 @@ import os
 import sys
 
 from predet.config import ConfigError
+from predet.errors import Preempted
 
 
 def _main_process() -> bool:
@@ -298,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return args.func(args) or 0
+    except Preempted as exc:  # a checkpoint is on disk: one line, exit 128 + the signal
+        if _main_process():
+            print(f"predet {args.verb}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (data building, evaluation)
+        print(f"predet {args.verb}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         line = user_error_line(exc)
         if line is None:

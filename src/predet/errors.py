@@ -14,6 +14,20 @@ class UserError(ValueError):
     """A mistake in the inputs (config, data, files, disk): one line, exit 2."""
 
 
+class Preempted(Exception):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint (engine/preemption.py):
+    not a mistake, one line all the same; exit code 128 + the signal."""
+
+    def __init__(self, signum: int, iteration: int, max_iters: int, checkpoint) -> None:
+        import signal
+
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at iteration {iteration} of {max_iters}; "
+            f"checkpoint {checkpoint} written; run the same command with train.resume=true to continue")
+
+
 class InputNotFound(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 

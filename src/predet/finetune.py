@@ -53,6 +53,7 @@ from predet.engine.checkpoint import load_checkpoint
 from predet.engine.optim import check_solver, param_groups
 from predet.engine.distributed import barrier, get_rank, get_world_size, is_main_process
 from predet.engine.launch import launched
+from predet.engine.preemption import ignore_stop_signals
 from predet.engine.runfolder import fresh_output, run_folder
 from predet.engine.trainer import TrainResult, check_train_config, train
 from predet.errors import CheckpointError
@@ -175,7 +176,8 @@ def build_train_loader(dataset, cfg: FinetuneConfig, start_iter: int):
     else:
         sampler = DeterministicBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, start_iter, rank, world)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate_detection,
-                      pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
+                      pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
+                      worker_init_fn=ignore_stop_signals)
 
 
 def evaluate(detector, dataset, cfg: FinetuneConfig, device, progress: bool = False) -> Evaluation:

@@ -21,6 +21,7 @@ from predet.detection.schedules import scale_solver
 from predet.engine.distributed import get_rank, get_world_size
 from predet.engine.launch import launched, resolve_device
 from predet.engine.optim import check_solver
+from predet.engine.preemption import ignore_stop_signals
 from predet.engine.runfolder import run_folder
 from predet.engine.trainer import TrainResult, check_train_config, train
 from predet.models.backbone import BACKBONES
@@ -127,7 +128,7 @@ def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: i
             dataset = dataset.resumed_at(start_iter, cfg.train.batch_size)
         return DataLoader(
             dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-            collate_fn=collate, persistent_workers=False, pin_memory=pin,
+            collate_fn=collate, persistent_workers=False, pin_memory=pin, worker_init_fn=ignore_stop_signals,
         )
     sampler = DeterministicBatchSampler(
         len(dataset), cfg.train.batch_size, cfg.train.seed, start_iter=start_iter, rank=rank, world_size=world
@@ -135,6 +136,7 @@ def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: i
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate,
         persistent_workers=False, prefetch_factor=4 if cfg.train.num_workers else None, pin_memory=pin,
+        worker_init_fn=ignore_stop_signals,
     )
 
 

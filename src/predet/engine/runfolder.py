@@ -10,6 +10,7 @@ before its first checkpoint, the folder is removed again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -47,40 +48,73 @@ def _read_lock(path: Path) -> dict:
         return {}
 
 
+_HELD: dict[str, int] = {}  # lock path -> the open descriptor holding its flock
+
+
+def _locked(folder: Path, lock: Path, holder: dict, what: str, host: str) -> RunLocked:
+    pid = holder.get("pid", "?")
+    where = "" if holder.get("host", host) == host else f" on host {holder.get('host')}"
+    return RunLocked(
+        f"{folder} is in use by another {what} (pid {pid}{where}); wait for it to finish or stop "
+        f"it, or use another folder (delete {lock} only if that process is gone)")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def acquire_lock(folder: str | Path, what: str = "run") -> Path:
-    """Create ``folder/.lock`` for this process or raise :class:`RunLocked`."""
+    """Hold ``folder/.lock`` for this process or raise :class:`RunLocked`.
+
+    The holder keeps an exclusive ``flock`` on the file, which the kernel drops when the
+    process dies: of several processes taking over a stale lock at once exactly one wins. The
+    file also names the holder (pid, host), for the message and for filesystems without flock,
+    where a live holder on this host still refuses."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
+    key = str(lock.resolve())
+    if key in _HELD:
+        return lock  # re-entrant: pretrain() then train() in one process
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(3):
+    for _ in range(5):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            pid = int(holder.get("pid", 0) or 0)
-            same_host = holder.get("host", me["host"]) == me["host"]
-            if pid == me["pid"] and same_host:
-                return lock  # re-entrant: pretrain() then train() in one process
-            if pid and (not same_host or _alive(pid)):
-                where = "" if same_host else f" on host {holder.get('host')}"
-                raise RunLocked(
-                    f"{folder} is in use by another {what} (pid {pid}{where}); wait for it to "
-                    f"finish or stop it, or use another folder (delete {lock} only if that process "
-                    "is gone)") from None
-            logger.warning("removing stale lock %s (pid %s is gone)", lock, pid or "?")
-            lock.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _locked(folder, lock, _read_lock(lock), what, me["host"]) from None
+        except OSError:
+            pass  # no flock on this filesystem: the holder's record alone decides
+        if not _same_file(fd, lock):  # released (unlinked) between our open and our flock: again
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        holder = _read_lock(lock)
+        pid = int(holder.get("pid", 0) or 0)
+        same_host = holder.get("host", me["host"]) == me["host"]
+        if pid and pid != me["pid"] and (not same_host or _alive(pid)):
+            os.close(fd)
+            raise _locked(folder, lock, holder, what, me["host"])
+        if pid and pid != me["pid"]:
+            logger.warning("taking over stale lock %s (pid %s is gone)", lock, pid)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        _HELD[key] = fd
         return lock
     raise RunLocked(f"could not take {lock}: another process keeps re-creating it")
 
 
 def release_lock(lock: Path) -> None:
-    """Remove ``lock`` if this process holds it."""
+    """Give up ``lock`` if this process holds it."""
+    lock = Path(lock)
+    fd = _HELD.pop(str(lock.resolve()), None)
     if _read_lock(lock).get("pid") == os.getpid():
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # before the flock goes: a waiter that opened it tries again
+    if fd is not None:
+        os.close(fd)
 
 
 def _is_main() -> bool:
@@ -93,7 +127,7 @@ def run_folder(folder: str | Path, what: str = "run"):
     with a user error before its first checkpoint (a data error keeps its skipped.jsonl)."""
     folder = Path(folder)
     created = not folder.exists()
-    held_before = _read_lock(folder / LOCK_FILE).get("pid") == os.getpid()
+    held_before = str((folder / LOCK_FILE).resolve()) in _HELD
     lock = acquire_lock(folder, what) if _is_main() else None
     try:
         yield folder

@@ -54,6 +54,7 @@ from .distributed import (
     unwrap_model,
 )
 from .launch import launch, resolve_device
+from .preemption import Preempted, StopSignals
 from .metrics import METRICS_FILE, MetricsWriter, SmoothedValue, format_eta, truncate_metrics
 from .optim import build_lr_scheduler, build_optimizer, check_solver, lr_at, lr_factor
 
@@ -632,8 +633,13 @@ def train(
 
     # The loader and before_train hooks may draw random numbers (e.g. DataLoader base seeds);
     # restoring the saved RNG states after them keeps the training streams exact on resume.
-    data_iter = iter(make_loader(start_iter))
-    _call_hooks(hooks, "before_train", state)
+    stop = StopSignals().__enter__()  # left in the finally below, or here if the loader fails
+    try:
+        data_iter = iter(make_loader(start_iter))
+        _call_hooks(hooks, "before_train", state)
+    except BaseException:
+        stop.__exit__(None, None, None)
+        raise
     _restore_rank_rng(rng_states, rank, world_size)
 
     meters = _Meters()
@@ -721,6 +727,9 @@ def train(
                 with _rng_preserved():
                     _call_hooks(hooks, "after_step", state)
                 model.train()
+            if ongoing and (signum := stop.requested(world_size)):
+                last_saved = save(iteration)
+                raise Preempted(signum, iteration, solver.max_iters, last_saved)
 
         ledger.check_images(final=True)
         if steps == 0 and start_iter == 0:
@@ -749,6 +758,7 @@ def train(
             logger.info("finished at iteration %d; 0 images skipped", iteration)
         _call_hooks(hooks, "after_train", state)
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
         writer.close()
 
