@@ -62,6 +62,15 @@ def _truncated(tmp: Path) -> Path:
     return path
 
 
+def _lvis_without_frequency(tmp: Path, data: Path) -> Path:
+    coco = json.loads((data / "det" / "annotations" / "train.json").read_text())
+    for image in coco["images"]:
+        image.update(neg_category_ids=[], not_exhaustive_category_ids=[])
+    for cat in coco["categories"]:
+        cat.pop("frequency", None)
+    return _write(tmp / "lvis" / "lvis.json", json.dumps(coco).encode())
+
+
 def _shards_out(tmp: Path, data: Path) -> Path:
     out = tmp / "shards"
     _write(out / "shard-000000.tar", b"")
@@ -70,7 +79,7 @@ def _shards_out(tmp: Path, data: Path) -> Path:
 
 # (name, argv builder(tmp, data, run) -> list, expected fragments, output folder that must not remain)
 CASES = [
-    ("zero iterations", lambda t, d, r: _pretrain(d, r, "solver.max_iters=0"), ["solver.max_iters=0", "positive"]),
+    ("zero iterations", lambda t, d, r: _pretrain(d, r, "solver.max_iters=0"), ["solver.max_iters=0", "must be > 0"]),
     ("negative iterations", lambda t, d, r: _finetune(d, r, "solver.max_iters=-3"), ["solver.max_iters=-3"]),
     ("zero batch size", lambda t, d, r: _pretrain(d, r, "train.batch_size=0"), ["train.batch_size=0"]),
     ("negative batch size", lambda t, d, r: _finetune(d, r, "train.batch_size=-2"), ["train.batch_size=-2"]),
@@ -84,9 +93,26 @@ CASES = [
     ("bad data.vocab", lambda t, d, r: _pretrain(d, r, f"data.vocab={_write(t / 'v.json', b'{}')}"),
      ["v.json", "expected a JSON list"]),
     ("unknown backbone", lambda t, d, r: _pretrain(d, r, "model.backbone=resnet7"),
-     ["model.backbone='resnet7' is unknown", "resnet18"]),
-    ("unknown schedule", lambda t, d, r: _finetune(d, r, "schedule=7x"), ["unknown schedule", "7x"]),
-    ("unknown arch", lambda t, d, r: _finetune(d, r, "model.arch=yolo"), ["model.arch='yolo' is unknown"]),
+     ["model.backbone='resnet7': must be one of", "resnet18"]),
+    ("unknown schedule", lambda t, d, r: _finetune(d, r, "schedule=7x"), ["schedule='7x': must be", "1x, 2x"]),
+    ("unknown arch", lambda t, d, r: _finetune(d, r, "model.arch=yolo"), ["model.arch='yolo': must be one of"]),
+    # issue 21: each value checked when the command starts, before any work
+    ("unknown amp", lambda t, d, r: _pretrain(d, r, "solver.amp=fp32"), ["solver.amp='fp32': must be one of none, bf16, fp16"]),
+    ("unknown data kind", lambda t, d, r: _finetune(d, r, "data.kind=xyz"), ["data.kind='xyz': must be one of coco, lvis"]),
+    ("unknown norm (pretrain)", lambda t, d, r: _pretrain(d, r, "model.norm=foo"), ["model.norm='foo'", "frozen_bn"]),
+    ("unknown norm (finetune)", lambda t, d, r: _finetune(d, r, "model.norm=foo"), ["model.norm='foo'", "gn"]),
+    ("no anchor sizes", lambda t, d, r: _pretrain(d, r, "model.anchor_sizes=[]"), ["model.anchor_sizes=[]", "5 values"]),
+    ("four anchor sizes", lambda t, d, r: _finetune(d, r, "model.anchor_sizes=[8,16,32,64]"),
+     ["model.anchor_sizes=[8, 16, 32, 64]", "5 values"]),
+    ("zero queries", lambda t, d, r: _pretrain(d, r, "data.views.num_queries=0"), ["data.views.num_queries=0", "> 0"]),
+    ("views too small", lambda t, d, r: _pretrain(d, r, "data.views.size=7"), ["data.views.size=7", ">= 32"]),
+    ("negative gamma", lambda t, d, r: _finetune(d, r, "solver.gamma=-0.5"), ["solver.gamma=-0.5", "> 0"]),
+    ("nan lr", lambda t, d, r: _pretrain(d, r, "solver.lr=nan"), ["solver.lr=nan", "> 0"]),
+    ("flip probability above 1", lambda t, d, r: _finetune(d, r, "data.flip_p=1.5"), ["data.flip_p=1.5", "[0, 1]"]),
+    ("zero eval batch", lambda t, d, r: _finetune(d, r, "eval.batch_size=0"), ["eval.batch_size=0", "> 0"]),
+    ("bad device name", lambda t, d, r: _pretrain(d, r, "train.device=gpu"), ["train.device='gpu'", "cuda:N"]),
+    ("lvis without frequencies", lambda t, d, r: _finetune(d, r, "data.kind=lvis", f"data.train={_lvis_without_frequency(t, d)}"),
+     ["lvis.json: categories[0]", 'field "frequency"', "'r', 'c', 'f'"]),
     ("missing init", lambda t, d, r: _finetune(d, r, f"init={t}/gone.pth"), ["gone.pth", "not found"]),
     ("subset larger than data", lambda t, d, r: _finetune(d, r, "data.subset=1000"),
      ["data.subset=1000", "has 48 images"]),
@@ -128,6 +154,24 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_no_output(name, argv, fragme
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     assert not run.exists(), f"{name}: left {sorted(p.name for p in run.iterdir())}"
+
+
+ARGUMENT_CASES = [
+    (["eval", "--checkpoint", "c.pth", "--data", "d.json", "--batch-size", "0"], "--batch-size: 0: must be a positive integer"),
+    (["predict", "--checkpoint", "c.pth", "--images", "i", "--out", "o", "--score-thresh", "nan"],
+     "--score-thresh: nan: must be a score in [0, 1]"),
+    (["predict", "--checkpoint", "c.pth", "--images", "i", "--out", "o", "--num-workers", "-1"], "--num-workers: -1"),
+    (["sweep", "--seeds", "0"], "--seeds: 0: must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", ARGUMENT_CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in ARGUMENT_CASES])
+def test_a_bad_argument_is_one_line_exit_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"predet {argv[0]}: error: argument ") and fragment in err[0], err
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, fashiondet_tiny, tmp_path):

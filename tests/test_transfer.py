@@ -374,3 +374,38 @@ def test_report_to_dict_round_trips():
     d = report.to_dict()
     assert d["skipped"] == [{"name": "c.d", "reason": "no counterpart"}]
     assert "e.f.{bias, weight}" in report.table()
+
+
+@pytest.mark.parametrize("source,target", [("resnet50", "resnet18"), ("resnet18", "resnet34"), ("resnet101", "resnet50")])
+def test_a_backbone_of_another_depth_is_refused_naming_both(tmp_path, source, target):
+    # ResNet-50 weights once "loaded" 97 of a ResNet-18 detector's 120 trunk tensors and the run
+    # went on as if pre-trained
+    import torchvision
+
+    from predet.detection.models import DetectorConfig, build_detector
+    from predet.detection.transfer import load_init_weights
+    from predet.errors import CheckpointError
+
+    path = tmp_path / f"{source}.pth"
+    torch.save(getattr(torchvision.models, source)(weights=None).state_dict(), path)
+    detector = build_detector(DetectorConfig(backbone=target, fpn_channels=16, box_head_dim=32, mask_head_dim=8), 3)
+    names = {"resnet18": "ResNet-18 (basic blocks 2-2-2-2)", "resnet34": "ResNet-34 (basic blocks 3-4-6-3)",
+             "resnet50": "ResNet-50 (bottleneck blocks 3-4-6-3)", "resnet101": "ResNet-101 (bottleneck blocks 3-4-23-3)"}
+    with pytest.raises(CheckpointError, match="backbone does not match") as info:
+        load_init_weights(detector, str(path), "mask_rcnn", input_format="RGB")
+    message = str(info.value)
+    assert names[source] in message and names[target] in message and "\n" not in message
+    assert str(path) in message
+
+
+def test_the_same_backbone_still_loads_whole(tmp_path):
+    import torchvision
+
+    from predet.detection.models import DetectorConfig, build_detector
+    from predet.detection.transfer import load_init_weights
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    detector = build_detector(DetectorConfig(backbone="resnet18", fpn_channels=16, box_head_dim=32, mask_head_dim=8), 3)
+    report = load_init_weights(detector, str(path), "mask_rcnn", input_format="RGB")
+    assert not [k for k in report.missing if k.startswith("backbone.body.")]

@@ -172,9 +172,40 @@ def cmd_report(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line naming the verb (argparse prints the usage first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low: float, allowed: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= low or value != value or value in (float("inf"),):
+            raise argparse.ArgumentTypeError(f"{text}: must be {allowed}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, "a positive integer")
+non_negative_int = _number(int, 0, "an integer >= 0")
+
+
+def score_threshold(text: str) -> float:
+    value = _number(float, 0.0, "a score in [0, 1]")(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a score in [0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="predet", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser = OneLineParser(prog="predet", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
 
     p = verbs.add_parser("pretrain", help="PreDet pre-training on weakly labelled images")
     _add_config_args(p)
@@ -192,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="", help="image folder (default: the checkpoint's val_images)")
     p.add_argument("--kind", default="", choices=["", "coco", "lvis"], help="default: the checkpoint's")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=2, help="images per batch (per process under torchrun)")
-    p.add_argument("--num-workers", type=int, default=2, help="loader workers per process")
-    p.add_argument("--visualize", type=int, default=0, metavar="N", help="write N PNGs of predictions")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="images per batch (per process under torchrun)")
+    p.add_argument("--num-workers", type=non_negative_int, default=2, help="loader workers per process")
+    p.add_argument("--visualize", type=non_negative_int, default=0, metavar="N", help="write N PNGs of predictions")
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
     p.set_defaults(func=cmd_eval)
 
@@ -203,12 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="an image folder, or a COCO image-info json (e.g. test-dev)")
     p.add_argument("--image-root", default=None, help="folder of an image-info json's file names (default: its folder)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this "
+    p.add_argument("--score-thresh", type=score_threshold, default=None, help="keep detections scoring at least this "
                    "(default: the checkpoint's model.score_thresh)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=2, help="images per batch (per process under torchrun)")
-    p.add_argument("--num-workers", type=int, default=2, help="loader workers per process")
-    p.add_argument("--visualize", type=int, default=0, metavar="N", help="draw the first N images' detections")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="images per batch (per process under torchrun)")
+    p.add_argument("--num-workers", type=non_negative_int, default=2, help="loader workers per process")
+    p.add_argument("--visualize", type=non_negative_int, default=0, metavar="N", help="draw the first N images' detections")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -228,17 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2|NAME",
                    help="lr, gamma, lr_mf, schedule, init, wd or any dotted key; or a named grid "
                         "of the supplement: table1, small_data")
-    p.add_argument("--seeds", type=int, default=3, help="runs per grid point (train.seed 0..N-1)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="runs per grid point (train.seed 0..N-1)")
     p.add_argument("--metric", default="bbox/AP", help="validation metric that picks the best setting")
     p.add_argument("--out", default="runs/sweep", help="sweep folder")
     p.add_argument("--launcher", default="local", choices=["local", "torchrun", "submitit"])
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run with torchrun")
-    p.add_argument("--jobs", type=int, default=1, help="local: runs side by side (CPU machines)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes (GPUs) per run with torchrun")
+    p.add_argument("--jobs", type=positive_int, default=1, help="local: runs side by side (CPU machines)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
                    help="local: CPU threads per run (default: all, or the cores shared out among --jobs)")
     p.add_argument("--slurm-partition", default="", help="submitit: SLURM partition")
-    p.add_argument("--slurm-time", type=int, default=1440, help="submitit: time limit per run, minutes")
-    p.add_argument("--gpus-per-node", type=int, default=1, help="submitit: GPUs (and processes) per run")
+    p.add_argument("--slurm-time", type=positive_int, default=1440, help="submitit: time limit per run, minutes")
+    p.add_argument("--gpus-per-node", type=positive_int, default=1, help="submitit: GPUs (and processes) per run")
     p.add_argument("--retry-failed", action="store_true",
                    help="relaunch runs that failed on their inputs (exit 2); killed runs are always retried")
     p.set_defaults(func=cmd_sweep)
@@ -256,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="small", choices=["tiny", "small"], help="tiny: a smoke test in a minute")
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--data", default="data/fashiondet", help="FashionDet folder (built when missing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -270,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("shards", help="convert a folder + labels.jsonl set into WebDataset tar shards")
     p.add_argument("--labels", required=True, help="labels.jsonl")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
     p.set_defaults(func=cmd_data_shards)
     return parser
 

@@ -25,6 +25,82 @@ class ConfigError(UserError):
     """A config file or override that does not fit the schema."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Value checks: every config class names what each of its values may be, and a config is checked
+# whole when it is loaded, before any work, with one line naming the key, the value and what is
+# allowed. A value the class does not check is one any value of its type fits.
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: typing.Callable[[Any], bool]
+    allowed: str
+
+
+def above(low: float) -> Check:
+    return Check(lambda v: v > low, f"> {low}")
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: v >= low, f">= {low}")
+
+
+def between(low: float, high: float) -> Check:
+    return Check(lambda v: low <= v <= high, f"in [{low}, {high}]")
+
+
+def one_of(*choices) -> Check:
+    return Check(lambda v: v in choices, "one of " + ", ".join(str(c) for c in choices))
+
+
+def each(check: Check, length: int | None = None, increasing: bool = False) -> Check:
+    """A list whose items all pass ``check``: non-empty, ``length`` long, ascending if asked."""
+    def ok(values) -> bool:
+        return (len(values) > 0 and (length is None or len(values) == length) and all(check.ok(v) for v in values)
+                and (not increasing or all(a <= b for a, b in zip(values, values[1:]))))
+
+    size = f"{length} values" if length else "a non-empty list"
+    return Check(ok, f"{size}, each {check.allowed}{', ascending' if increasing else ''}")
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = above(0), at_least(0), between(0, 1)
+RANGE = each(POSITIVE, length=2, increasing=True)  # [low, high] of a sampled quantity
+
+
+def checked(**checks: Check):
+    """Class decorator: the checks :func:`validate` applies to a config class's fields."""
+    def register(cls):
+        unknown = set(checks) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no fields {sorted(unknown)}")
+        cls.__config_checks__ = checks
+        return cls
+
+    return register
+
+
+def validate(cfg, prefix: str = "") -> None:
+    """Every value of a config (nested classes included) against its class's checks."""
+    checks = getattr(type(cfg), "__config_checks__", {})
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{key}.")
+            continue
+        check = checks.get(f.name)
+        try:
+            good = check is None or bool(check.ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            shown = "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else repr(value)
+            raise ConfigError(f"{key}={shown}: must be {check.allowed}")
+
+
+@checked(lr=POSITIVE, momentum=between(0, 0.999), weight_decay=NON_NEGATIVE, max_iters=above(0),
+         warmup_iters=NON_NEGATIVE, warmup_factor=between(0, 1), schedule=one_of("step", "cosine"),
+         milestones=Check(lambda v: all(m > 0 for m in v) and v == sorted(v), "positive and ascending"),
+         gamma=POSITIVE, clip_grad_norm=NON_NEGATIVE, amp=one_of("none", "bf16", "fp16"))
 @dataclass
 class SolverConfig:
     """Optimisation settings shared by pre-training and fine-tuning."""
@@ -42,6 +118,11 @@ class SolverConfig:
     amp: str = "none"  # "none", "bf16" (CUDA or CPU autocast) or "fp16" (with a GradScaler)
 
 
+@checked(seed=NON_NEGATIVE, batch_size=above(0), num_workers=NON_NEGATIVE, checkpoint_period=NON_NEGATIVE,
+         keep_checkpoints=NON_NEGATIVE, log_period=NON_NEGATIVE, eval_period=NON_NEGATIVE,
+         max_skipped_fraction=FRACTION,
+         device=Check(lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                      "auto, cpu, cuda or cuda:N"))
 @dataclass
 class TrainConfig:
     """Run-level settings of the shared training loop."""
@@ -263,7 +344,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides))
     try:
-        return from_dict(cls, data)
+        cfg = from_dict(cls, data)
+        validate(cfg)
+        return cfg
     except ConfigError as exc:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{exc}") from None

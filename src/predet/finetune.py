@@ -19,13 +19,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from predet.config import (
+    FRACTION,
+    NON_NEGATIVE,
+    Check,
+    POSITIVE,
     ConfigError,
     SolverConfig,
     TrainConfig,
+    above,
     apply_overrides,
+    checked,
     from_dict,
     load_yaml,
+    one_of,
     to_dict,
+    validate,
 )
 from predet.data.weak import DeterministicBatchSampler
 from predet.detection.datasets import (
@@ -47,7 +55,7 @@ from predet.detection.evaluation import (
 )
 from predet.detection.models import DetectorConfig, build_detector
 from predet.detection.presets import preset_overrides
-from predet.detection.schedules import resolve_schedule, scale_lr
+from predet.detection.schedules import SCHEDULE_NAMES, normalize_schedule_name, resolve_schedule, scale_lr
 from predet.detection.transfer import init_layout, load_init_weights
 from predet.engine.checkpoint import load_checkpoint
 from predet.engine.optim import check_solver, param_groups
@@ -57,7 +65,6 @@ from predet.engine.preemption import ignore_stop_signals
 from predet.engine.runfolder import fresh_output, run_folder
 from predet.engine.trainer import TrainResult, check_train_config, train
 from predet.errors import CheckpointError
-from predet.models.backbone import BACKBONES
 from predet.runlog import run_log
 
 logger = logging.getLogger(__name__)
@@ -65,6 +72,8 @@ logger = logging.getLogger(__name__)
 MASK_HEAD_MODULES = ("roi_heads.mask_head", "roi_heads.mask_predictor")
 
 
+@checked(kind=one_of("coco", "lvis"), subset=NON_NEGATIVE, subset_seed=NON_NEGATIVE,
+         repeat_factor_threshold=NON_NEGATIVE, flip_p=FRACTION)
 @dataclass
 class FinetuneDataConfig:
     train: str = ""  # COCO or LVIS json
@@ -80,11 +89,13 @@ class FinetuneDataConfig:
     flip_p: float = 0.5
 
 
+@checked(lr_mf=NON_NEGATIVE)
 @dataclass
 class OptimConfig:
     lr_mf: float = 1.0  # the mask head's lr is solver.lr x lr_mf (it is never pre-trained)
 
 
+@checked(batch_size=above(0), num_workers=NON_NEGATIVE, visualize=NON_NEGATIVE)
 @dataclass
 class EvalConfig:
     batch_size: int = 2
@@ -92,6 +103,9 @@ class EvalConfig:
     visualize: int = 0  # PNGs of predictions written at the end
 
 
+@checked(init_stride_in_1x1=one_of("auto", "true", "false"), init_input_format=one_of("auto", "RGB", "BGR"),
+         schedule=Check(lambda v: not v or normalize_schedule_name(v) in SCHEDULE_NAMES,
+                        "empty or one of " + ", ".join(SCHEDULE_NAMES)), schedule_scale=POSITIVE)
 @dataclass
 class FinetuneConfig:
     init: str = "scratch"  # scratch | a PreDet checkpoint | an external backbone file
@@ -118,7 +132,9 @@ def load_finetune_config(path=None, overrides=()) -> FinetuneConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     try:
-        return from_dict(FinetuneConfig, apply_overrides(base, list(overrides)))
+        cfg = from_dict(FinetuneConfig, apply_overrides(base, list(overrides)))
+        validate(cfg)
+        return cfg
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
 
@@ -243,22 +259,13 @@ def scratch_settings(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[str]]:
 
 def check_finetune_config(cfg: FinetuneConfig) -> None:
     """Everything that can be refused before data is read or a file is written."""
-    from predet.detection.models import ARCHS
-
+    validate(cfg)  # also a config built in code, not loaded from YAML
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a COCO or LVIS json")
     if cfg.init not in ("scratch", "random") and not Path(cfg.init).is_file():
         raise ConfigError(f"init={cfg.init!r}: file not found; use 'scratch', 'random' or the path "
                           "of a weight file")
-    if cfg.model.arch not in ARCHS:
-        raise ConfigError(f"model.arch={cfg.model.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown; choose one of "
-                          f"{', '.join(BACKBONES)}")
     check_train_config(cfg.train)
-    if cfg.eval.batch_size <= 0 or cfg.eval.num_workers < 0:
-        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size}, eval.num_workers={cfg.eval.num_workers}: "
-                          "the batch size must be positive and the workers >= 0")
     try:
         check_solver(resolve_solver(cfg))
     except ConfigError:
@@ -297,15 +304,21 @@ def resolved_config(cfg: FinetuneConfig) -> FinetuneConfig:
     return match_init_layout(scratch_settings(cfg)[0])
 
 
+def build_training_set(cfg: FinetuneConfig, run_dir: Path):
+    """The training split (or its ``data.subset``) with the training augmentation."""
+    return build_detection_dataset(training_annotations(cfg, run_dir), cfg.data.train_images, cfg.data.kind,
+                                   train=True, masks=cfg.model.arch == "mask_rcnn", flip_p=cfg.data.flip_p)
+
+
 def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
     cfg = match_init_layout(cfg)
     train_cfg = dataclasses.replace(cfg.train, sync_bn=cfg.train.sync_bn or cfg.model.norm == "syncbn")
     masks = cfg.model.arch == "mask_rcnn"
-    train_ann = training_annotations(cfg, run_dir)
-    train_set = build_detection_dataset(train_ann, cfg.data.train_images, cfg.data.kind, train=True, masks=masks)
+    train_set = build_training_set(cfg, run_dir)
     val_set = None
     if cfg.data.val:
         val_set = build_detection_dataset(cfg.data.val, cfg.data.val_images, cfg.data.kind, masks=masks)
+    test_set = _test_set(cfg, masks)  # read and checked now: a bad test file must not wait for the end
     logger.info("training data: %s", train_set.stats_summary())
 
     torch.manual_seed(cfg.train.seed)
@@ -333,7 +346,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path) -> FinetuneResult:
                "skipped_images": {"count": result.skipped,
                                   "list": str(run_dir / "skipped.jsonl") if result.skipped else None}}
     device = next(detector.parameters()).device
-    for split, dataset in (("val", val_set), ("test", _test_set(cfg, masks))):
+    for split, dataset in (("val", val_set), ("test", test_set)):
         if dataset is None:
             continue
         evaluation = evaluate(detector, dataset, cfg, device, progress=cfg.train.progress)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
-from predet.config import ConfigError, SolverConfig, TrainConfig, load_config, to_dict
+from predet.config import NON_NEGATIVE, ConfigError, above, SolverConfig, TrainConfig, checked, load_config, to_dict, validate
 from predet.data.weak import (
     DeterministicBatchSampler,
     Vocabulary,
@@ -24,13 +24,13 @@ from predet.engine.optim import check_solver
 from predet.engine.preemption import ignore_stop_signals
 from predet.engine.runfolder import run_folder
 from predet.engine.trainer import TrainResult, check_train_config, train
-from predet.models.backbone import BACKBONES
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
 from predet.runlog import run_log
 from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, colour_views, decorrelated_colours, stack_images
 
 
+@checked(val_pairs=above(0), val_max_images=above(0))
 @dataclass
 class DataConfig:
     train: str = ""  # labels.jsonl, a .tar shard pattern, or a folder of shards
@@ -41,6 +41,7 @@ class DataConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
 
 
+@checked(reference_batch=NON_NEGATIVE)
 @dataclass
 class PretrainConfig:
     # Images per step (all processes together) at which solver.lr, max_iters, warmup_iters and
@@ -96,17 +97,11 @@ def read_vocab(path: str) -> Vocabulary | None:
 
 def check_pretrain_config(cfg: PretrainConfig) -> None:
     """Everything that can be refused before data is read or a file is written."""
+    validate(cfg)  # also a config built in code, not loaded from YAML
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a labels.jsonl, a shard pattern or a shard folder")
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown; choose one of "
-                          f"{', '.join(BACKBONES)}")
     if not any((cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi)):
         raise ConfigError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
-    if cfg.reference_batch < 0 or cfg.data.val_pairs <= 0 or cfg.data.val_max_images <= 0:
-        raise ConfigError(f"reference_batch={cfg.reference_batch}, data.val_pairs={cfg.data.val_pairs}, "
-                          f"data.val_max_images={cfg.data.val_max_images}: the first must be >= 0 (0: the "
-                          "solver as given), the others positive")
     check_solver(resolve_solver(cfg))
     check_train_config(cfg.train)
 

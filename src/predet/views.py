@@ -16,6 +16,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from predet.config import FRACTION, NON_NEGATIVE, POSITIVE, RANGE, Check, above, at_least, between, checked
+
 
 @dataclass(frozen=True)
 class ViewTransform:
@@ -51,6 +53,10 @@ class ViewTransform:
         return torch.tensor([self.x0, self.y0, self.w, self.h, float(self.size), float(self.flip)])
 
 
+@checked(size=at_least(32), scale=Check(lambda v: RANGE.ok(v) and v[1] <= 1, "2 values in (0, 1], ascending"),
+         ratio=RANGE, min_overlap=FRACTION, num_queries=above(0), query_aspect=RANGE, query_scale=RANGE,
+         min_query_px=POSITIVE, flip_p=FRACTION, jitter=NON_NEGATIVE, hue=between(0, 0.5), grayscale_p=FRACTION,
+         max_tries=above(0))
 @dataclass
 class ViewConfig:
     """Knobs of the two-view sampler (defaults follow DESIGN §2)."""

@@ -156,8 +156,8 @@ def _check_image(path, i: int, img: dict, lvis: bool) -> None:
 def _check_category(path, i: int, cat: dict, lvis: bool) -> None:
     if not isinstance(cat.get("name"), str) or not cat["name"]:
         raise _record_error(path, "categories", i, cat, "name", f"expected a non-empty string, got {_brief(cat.get('name'))}")
-    if lvis and "frequency" in cat and cat["frequency"] not in LVIS_FREQUENCIES:
-        raise _record_error(path, "categories", i, cat, "frequency", f"expected one of 'r', 'c', 'f', got {_brief(cat['frequency'])}")
+    if lvis and cat.get("frequency") not in LVIS_FREQUENCIES:  # LVIS AP is split by it (APr, APc, APf)
+        raise _record_error(path, "categories", i, cat, "frequency", f"expected one of 'r', 'c', 'f', got {_brief(cat.get('frequency'))}")
     if lvis and "image_count" in cat and not _is_int(cat["image_count"]):
         raise _record_error(path, "categories", i, cat, "image_count", f"expected an integer, got {_brief(cat['image_count'])}")
 

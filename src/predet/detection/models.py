@@ -22,7 +22,8 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from predet.models.backbone import build_backbone
+from predet.config import FRACTION, POSITIVE, above, between, checked, each, one_of
+from predet.models.backbone import BACKBONES, NORMS, build_backbone
 from predet.models.precision import float32_box_geometry
 from predet.models.roi_pool import BoxHead, SparseMultiScaleRoIAlign
 
@@ -30,6 +31,13 @@ ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
 LEVELS = ["0", "1", "2", "3"]  # the FPN maps the RoI heads pool from (P2-P5)
 
 
+@checked(arch=one_of(*ARCHS), backbone=one_of(*BACKBONES), norm=one_of(*NORMS), freeze_at=between(0, 5),
+         fpn_channels=above(0), box_head_dim=above(0), mask_head_dim=above(0),
+         anchor_sizes=each(POSITIVE, length=5, increasing=True), aspect_ratios=each(POSITIVE),
+         min_size=above(0), max_size=above(0), rpn_batch_size_per_image=above(0),
+         rpn_pre_nms_top_n_train=above(0), rpn_post_nms_top_n_train=above(0), rpn_pre_nms_top_n_test=above(0),
+         rpn_post_nms_top_n_test=above(0), box_batch_size_per_image=above(0), detections_per_image=above(0),
+         score_thresh=FRACTION)
 @dataclass
 class DetectorConfig:
     arch: str = "mask_rcnn"

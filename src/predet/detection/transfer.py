@@ -475,11 +475,60 @@ def transfer_state_dict(detector: nn.Module, state: dict, fmt: str, arch: str, s
             continue
         new[tkey] = state[key]
         loaded.append(tkey)
+    done = set(loaded)
+    _check_backbone_matches(names, skipped, [c for c, t in by_canonical.items() if t not in done],
+                            list(by_canonical), source)
     result = unwrap_model(detector).load_state_dict(new, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     done = set(loaded)
     missing = [k for k in target if k not in done and not k.endswith("num_batches_tracked")]
     return LoadReport(source=source, format=fmt, arch=arch, loaded=loaded, skipped=skipped, missing=missing)
+
+
+BODY = ("backbone.bottom_up.", "backbone.body.")  # a backbone's trunk, in common (and torchvision) names
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")  # a GN or frozen target has none
+
+
+def describe_backbone(canonical_names) -> str:
+    """"ResNet-50 (bottleneck blocks 3-4-6-3)" from the trunk's common names, or what is known."""
+    blocks: dict[int, int] = {}
+    bottleneck = False
+    for name in canonical_names:
+        m = re.match(r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.", name)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+            bottleneck |= m.group(3) == "3"
+    if not blocks:
+        return "a non-ResNet trunk"
+    counts = tuple(blocks[s] for s in sorted(blocks))
+    depths = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,
+              (3, 4, 23, 3, True): 101, (3, 8, 36, 3, True): 152}
+    depth = depths.get((*counts, bottleneck))
+    kind = "bottleneck" if bottleneck else "basic"
+    return f"{'ResNet-' + str(depth) if depth else 'a ResNet'} ({kind} blocks {'-'.join(map(str, counts))})"
+
+
+def _check_backbone_matches(names: dict[str, str], skipped: list[tuple[str, str]], unloaded: list[str],
+                            target: list[str], source: str) -> None:
+    """A source trunk loads whole or not at all: ResNet-50 weights "load" 97 of a ResNet-18's 120
+    tensors (bottleneck convs into basic-block convs) and a run from them would look pre-trained."""
+    src_body = {k: c for k, c in names.items() if c.startswith(BODY) and not c.endswith(_RUNNING_STATS)}
+    if not src_body:
+        return  # the file has no trunk (a head-only file): nothing to compare
+    wrong = [(k, r) for k, r in skipped if k in src_body and (r == "no counterpart" or r.startswith("shape mismatch"))]
+    has_blocks = any(re.match(r"backbone\.(bottom_up\.res\d|body\.(layer\d|trunk_output))\.", c) for c in src_body.values())
+    # a file of blocks must bring all of them (ResNet-18 weights into a ResNet-34 all fit, and
+    # leave its extra blocks at random); a stem-only file is a partial init on purpose
+    left = [c for c in unloaded if c.startswith(BODY) and not c.endswith(_RUNNING_STATS)] if has_blocks else []
+    if not wrong and not left:
+        return
+    examples = "; ".join([f"{k}: {r}" for k, r in wrong[:2]] + [f"{c}: not in the file" for c in left[:2 - min(2, len(wrong))]])
+    raise CheckpointError(
+        f"{source}: its backbone does not match the detector's: the file holds "
+        f"{describe_backbone(src_body.values())}, the detector is {describe_backbone(target)}; "
+        f"{len(wrong)} of the file's {len(src_body)} trunk tensors do not fit and {len(left)} of the detector's are "
+        f"not in the file (e.g. {examples}); set model.backbone to the file's")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "
 REGNETS = ("regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf",
            "regnet_y_16gf", "regnet_y_32gf", "regnet_y_64gf", "regnet_x_400mf", "regnet_x_3_2gf", "regnet_x_8gf")
 BACKBONES = RESNETS + REGNETS
+NORMS = ("bn", "syncbn", "frozen_bn", "gn")
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

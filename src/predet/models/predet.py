@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
-from predet.models.backbone import build_backbone
+from predet.config import FRACTION, NON_NEGATIVE, POSITIVE, above, checked, each, one_of
+from predet.models.backbone import BACKBONES, NORMS, build_backbone
 from predet.models.contrastive import ContrastiveRoIHead, sample_query_rois
 from predet.models.crpn import CRPNLoss, QueryConditionedRPN, query_proposals
 from predet.models.precision import Float32AnchorGenerator
@@ -25,6 +26,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@checked(backbone=one_of(*BACKBONES), norm=one_of(*NORMS), fpn_channels=above(0), box_head_dim=above(0),
+         anchor_sizes=each(POSITIVE, length=5, increasing=True), aspect_ratios=each(POSITIVE), crpn_hidden=above(0),
+         crpn_fg_iou=FRACTION, crpn_bg_iou=FRACTION, crpn_anchors_per_query=above(0), crpn_pos_fraction=FRACTION,
+         crpn_init_std=NON_NEGATIVE, pre_nms_top_n=above(0), nms_thresh=FRACTION, post_nms_top_n=above(0),
+         rois_per_query=above(0), roi_canonical_scale=above(0), roi_pos_fraction=FRACTION, roi_pos_iou=FRACTION,
+         proj_dim=above(0), temperature=POSITIVE)
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"
@@ -55,6 +62,7 @@ class ModelConfig:
     per_view_bn: bool = False
 
 
+@checked(lambda_cls=NON_NEGATIVE, lambda_rpn=NON_NEGATIVE, lambda_roi=NON_NEGATIVE, cls_loss=one_of("softmax", "bce"))
 @dataclass
 class LossConfig:
     lambda_cls: float = 1.0
