@@ -261,3 +261,37 @@ def test_unreadable_training_image_is_skipped_listed_and_reported(fashiondet_tin
     assert [r["path"] for r in skipped] == [str(bad)]
     results = json.loads(out.results_path.read_text())
     assert results["skipped_images"]["count"] == 1
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_data_flip_p_is_what_the_training_set_flips_with(fashiondet_tiny, tmp_path, flip_p):
+    # data.flip_p was never passed on: 0 and 1 trained bit-identical weights
+    from predet.detection.datasets import build_detection_dataset
+    from predet.finetune import build_training_set
+
+    cfg = load_finetune_config(CPU_FINETUNE_CONFIG, tiny_finetune_overrides(
+        fashiondet_tiny, tmp_path / "run", "scratch", **{"data.flip_p": flip_p}))
+    train_set = build_training_set(cfg, tmp_path / "run")
+    plain = build_detection_dataset(cfg.data.train, cfg.data.train_images)
+    for i in range(4):
+        image, _ = train_set[(i, 7 + i)]
+        expected = plain[i][0] if flip_p == 0 else plain[i][0].flip(-1)
+        assert torch.equal(image, expected), i
+
+
+def test_a_restarted_run_writes_the_subset_of_the_new_training_file(fashiondet_tiny, tmp_path):
+    # the subset json in the run folder is named after the training file; a new file of the
+    # same name must not meet the old subset
+    from predet.finetune import training_annotations
+
+    det = fashiondet_tiny / "det" / "annotations"
+    run = tmp_path / "run"
+    for name, source in (("a", det / "train.json"), ("b", det / "val.json")):
+        copy = tmp_path / name / "train.json"
+        copy.parent.mkdir()
+        copy.write_bytes(source.read_bytes())
+        cfg = load_finetune_config(CPU_FINETUNE_CONFIG, tiny_finetune_overrides(
+            fashiondet_tiny, run, "scratch", **{"data.train": copy, "data.subset": 5}))
+        subset = json.loads(Path(training_annotations(cfg, run)).read_text())
+        names = {img["file_name"] for img in json.loads(source.read_text())["images"]}  # ids repeat across splits
+        assert {img["file_name"] for img in subset["images"]} <= names and len(subset["images"]) == 5, name

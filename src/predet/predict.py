@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from predet.config import ConfigError
+from predet.data.images import image_size, open_rgb
 from predet.detection.evaluation import (
     RESULTS_FILE,
     _eval_mode,
@@ -37,8 +37,10 @@ def folder_records(folder: Path) -> list[dict]:
         raise ConfigError(f"{folder}: no image files ({' '.join(IMAGE_SUFFIXES)})")
     records = []
     for image_id, path in enumerate(files, start=1):
-        with Image.open(path) as im:
-            width, height = im.size
+        try:
+            width, height = image_size(path)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for one meaning: unusable
+            raise ConfigError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
         records.append({"id": image_id, "file_name": path.relative_to(folder).as_posix(),
                         "width": width, "height": height})
     return records
@@ -74,10 +76,9 @@ class ImageRecords(Dataset):
         record = self.records[index]
         path = self.root / record["file_name"]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read image {record['id']} ({exc})") from None
+            image = open_rgb(path)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types (a bomb is not an OSError)
+            raise ConfigError(f"{path}: cannot read image {record['id']} ({type(exc).__name__}: {exc})") from None
         return pil_to_tensor(image), {"image_id": int(record["id"])}
 
 

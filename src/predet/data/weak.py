@@ -42,6 +42,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
+from predet.data.images import open_rgb
 from predet.errors import InputNotFound, OutputExists, UserError, disk_full, is_disk_full
 
 __all__ = [
@@ -290,10 +291,7 @@ def _check_labels(records: Iterable[WeakRecord], vocab: Vocabulary, path: str | 
 
 
 def _open_rgb(source: str | io.BytesIO) -> Image.Image:
-    """Fully decode now (``load()``), so truncated data fails here and not in a transform."""
-    with Image.open(source) as im:
-        im.load()
-        return im.convert("RGB")
+    return open_rgb(source)  # data/images.py: the decoder every step shares
 
 
 def _try_open(source: str | io.BytesIO) -> tuple[Image.Image | None, str]:

@@ -35,6 +35,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from predet.data.images import open_rgb, stored_size_differs
 from predet.data.weak import DeterministicBatchSampler, derive_seed
 from predet.errors import InputNotFound, UserError
 
@@ -527,17 +528,18 @@ class CocoDetection(Dataset):
     def _read_image(self, image_id: int) -> Image.Image:
         record = self._images[image_id]
         try:
-            with Image.open(self._paths[image_id]) as im:
-                im.load()
-                image = im.convert("RGB")
+            image = open_rgb(self._paths[image_id])  # upright (EXIF), 8-bit RGB: data/images.py
         except FileNotFoundError:
             raise UnreadableImage(self._paths[image_id], "not found") from None
         except Exception as exc:  # PIL raises many types for bad data; all mean "unusable"
             raise UnreadableImage(self._paths[image_id], f"{type(exc).__name__}: {exc}") from None
         if image.size != (record["width"], record["height"]):
+            turned = stored_size_differs(self._paths[image_id]) and image.size == (record["height"], record["width"])
+            why = (" (its EXIF orientation turns it upright; boxes must be given on the upright image)"
+                   if turned else "")
             raise _record_error(
                 self.ann_file, "images", self._image_pos[image_id], record, "width",
-                f"{self._paths[image_id]} is {image.size[0]}x{image.size[1]}, "
+                f"{self._paths[image_id]} is {image.size[0]}x{image.size[1]}{why}, "
                 f"the record says {record['width']}x{record['height']}",
             )
         return image
