@@ -62,6 +62,15 @@ def _truncated(tmp: Path) -> Path:
     return path
 
 
+def _damaged_safetensors(tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp / "w.safetensors"
+    save_file({"backbone.body.conv1.weight": torch.ones(8, 3, 7, 7)}, path)
+    path.write_bytes(path.read_bytes()[:40])
+    return path
+
+
 def _lvis_without_frequency(tmp: Path, data: Path) -> Path:
     coco = json.loads((data / "det" / "annotations" / "train.json").read_text())
     for image in coco["images"]:
@@ -119,7 +128,13 @@ CASES = [
     ("non-UTF-8 labels", lambda t, d, r: _pretrain(d, r, f"data.train={_non_utf8_labels(t, d)}", "data.vocab="),
      ["labels.jsonl:2", "not UTF-8"]),
     ("refused pickle (eval)", lambda t, d, r: ["eval", "--checkpoint", str(_pickled(t)), "--data", "x.json",
-                                               "--out", str(r)], ["refusing to load", "evil.pth"]),
+                                               "--out", str(r)],
+     ["refusing to load", "evil.pth", "Unsupported global: GLOBAL print was not an allowed global by default",
+      "source you trust"]),
+    ("damaged safetensors (init)", lambda t, d, r: _finetune(d, r, f"init={_damaged_safetensors(t)}"),
+     ["w.safetensors", "truncated or damaged safetensors"]),
+    ("damaged safetensors (export)", lambda t, d, r: ["export", "--checkpoint", str(_damaged_safetensors(t)), "--out", str(r)],
+     ["w.safetensors", "truncated or damaged"]),
     ("missing checkpoint (eval)", lambda t, d, r: ["eval", "--checkpoint", f"{t}/no.pth", "--data", "x.json",
                                                    "--out", str(r)], ["checkpoint not found", "no.pth"]),
     ("truncated checkpoint (eval)", lambda t, d, r: ["eval", "--checkpoint", str(_truncated(t)), "--data",
@@ -132,6 +147,22 @@ CASES = [
      ["weights.pth", "not a predet checkpoint"]),
     ("existing shard folder", lambda t, d, r: ["data", "shards", "--labels", str(d / "weak" / "labels.jsonl"),
                                                "--out", str(_shards_out(t, d))], ["already holds shards"]),
+]
+# A folder no process can write, root included (CI runs as root, which ignores permission bits).
+UNWRITABLE = "/proc/predet-unwritable/out"
+CASES += [
+    (f"unwritable output ({verb})", argv, [UNWRITABLE, "cannot write in /proc"]) for verb, argv in [
+        ("pretrain", lambda t, d, r: _pretrain(d, r, f"train.run_dir={UNWRITABLE}")),
+        ("finetune", lambda t, d, r: _finetune(d, r, f"train.run_dir={UNWRITABLE}")),
+        ("eval", lambda t, d, r: ["eval", "--checkpoint", "c.pth", "--data", "d.json", "--out", UNWRITABLE]),
+        ("predict", lambda t, d, r: ["predict", "--checkpoint", "c.pth", "--images", str(t), "--out", UNWRITABLE]),
+        ("export", lambda t, d, r: ["export", "--checkpoint", "c.pth", "--out", UNWRITABLE]),
+        ("sweep", lambda t, d, r: ["sweep", "--config", str(CPU_FINETUNE_CONFIG), "--grid", "lr=0.1", "--out", UNWRITABLE]),
+        ("report", lambda t, d, r: ["report", str(t), "--out", UNWRITABLE]),
+        ("data", lambda t, d, r: ["data", "fashiondet", "--out", UNWRITABLE, "--size", "tiny"]),
+        ("shards", lambda t, d, r: ["data", "shards", "--labels", str(d / "weak" / "labels.jsonl"), "--out", UNWRITABLE]),
+        ("demo", lambda t, d, r: ["demo", "--out", UNWRITABLE]),
+    ]
 ]
 if not torch.cuda.is_available():
     CASES.append(("cuda without CUDA", lambda t, d, r: _pretrain(d, r, "train.device=cuda"),
@@ -183,3 +214,29 @@ def test_a_bug_keeps_its_traceback(monkeypatch, fashiondet_tiny, tmp_path):
     monkeypatch.setattr(predet.pretrain, "pretrain", broken)
     with pytest.raises(ZeroDivisionError):  # the console script prints it and exits 1
         cli_main(_pretrain(fashiondet_tiny, tmp_path / "run"))
+
+
+class _RaisesInWorker(torch.utils.data.Dataset):
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [
+    __import__("predet.config", fromlist=["ConfigError"]).ConfigError("x.json: images[3] (id 7): field \"width\": 5x5, the record says 6x6"),
+    __import__("predet.errors", fromlist=["DataError"]).DataError("too many unreadable images;\nsee skipped.jsonl"),
+])
+def test_an_error_in_a_loader_worker_is_the_same_one_line(error):
+    # torch re-raises a worker's exception with the worker's traceback as its message
+    from predet.cli import user_error_line
+
+    loader = torch.utils.data.DataLoader(_RaisesInWorker(error), num_workers=1)
+    with pytest.raises(type(error)) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)
+    assert user_error_line(info.value) == user_error_line(error)

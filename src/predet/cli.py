@@ -322,13 +322,37 @@ def user_error_line(exc: BaseException) -> str | None:
         exc = disk_full(getattr(exc, "filename", None) or "an output file")
     if not isinstance(exc, (UserError, FashionMNISTNotFound, FloatingPointError)):
         return None
-    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return "; ".join(part.strip() for part in _worker_message(str(exc)).splitlines() if part.strip())
+
+
+def _worker_message(text: str) -> str:
+    """An error raised in a DataLoader worker comes back with the worker's traceback as its
+    message ("Caught ConfigError in DataLoader worker process 0. Original Traceback ..."): the
+    user's message is the traceback's last entry, after its ``module.Class: `` prefix."""
+    if not (text.startswith("Caught ") and "DataLoader worker" in text and "Original Traceback" in text):
+        return text
+    lines = text.rstrip().splitlines()
+    last_frame = max(i for i, line in enumerate(lines) if line.startswith("  "))
+    first, *rest = lines[last_frame + 1:] or [text]
+    return "\n".join([first.split(": ", 1)[1] if ": " in first else first, *rest])
+
+
+def _check_outputs(args) -> None:
+    """Every output folder a verb names on its command line, tried for writing before any work
+    (pretrain and finetune check train.run_dir themselves)."""
+    from predet.engine.runfolder import check_writable
+
+    for option in ("out", "data"):
+        value = getattr(args, option, None)
+        if isinstance(value, str) and value and (option == "out" or args.verb == "demo"):
+            check_writable(value, f"--{option}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        _check_outputs(args)
         return args.func(args) or 0
     except Preempted as exc:  # a checkpoint is on disk: one line, exit 128 + the signal
         if _main_process():

@@ -25,7 +25,7 @@ from predet.detection.models import DetectorConfig, build_detector
 from predet.detection.transfer import infer_arch, load_init_weights, to_detectron2
 from predet.engine.checkpoint import atomic_write, load_checkpoint
 from predet.engine.distributed import unwrap_model
-from predet.engine.runfolder import fresh_output
+from predet.engine.runfolder import check_writable, fresh_output
 from predet.errors import CheckpointError
 
 FORMATS = ("torchvision", "detectron2")
@@ -343,6 +343,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, formats=
     from predet.engine.distributed import barrier
     from predet.engine.launch import launched
 
+    check_writable(out_dir, "--out")
     with launched("cpu", "export") as where:
         paths = []
         if where.is_main:

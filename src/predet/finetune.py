@@ -62,7 +62,7 @@ from predet.engine.optim import check_solver, param_groups
 from predet.engine.distributed import barrier, get_rank, get_world_size, is_main_process
 from predet.engine.launch import launched
 from predet.engine.preemption import ignore_stop_signals
-from predet.engine.runfolder import fresh_output, run_folder
+from predet.engine.runfolder import check_writable, fresh_output, run_folder
 from predet.engine.trainer import TrainResult, check_train_config, train
 from predet.errors import CheckpointError
 from predet.runlog import run_log
@@ -262,6 +262,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
     validate(cfg)  # also a config built in code, not loaded from YAML
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a COCO or LVIS json")
+    check_writable(cfg.train.run_dir, "train.run_dir")
     if cfg.init not in ("scratch", "random") and not Path(cfg.init).is_file():
         raise ConfigError(f"init={cfg.init!r}: file not found; use 'scratch', 'random' or the path "
                           "of a weight file")
@@ -394,6 +395,8 @@ def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "",
     if batch_size <= 0 or num_workers < 0:
         raise ConfigError(f"--batch-size {batch_size}, --num-workers {num_workers}: the batch size must be "
                           "positive and the workers >= 0")
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent
+    check_writable(out, "--out")  # before the whole inference runs, not after
     with launched(device, "--device") as where:
         detector, cfg, extra = load_detector(checkpoint)
         dataset = build_detection_dataset(data, images or cfg.data.val_images, kind or cfg.data.kind,
@@ -404,7 +407,6 @@ def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "",
         detector.to(where.device)
         evaluation = evaluate_dataset_full(detector, dataset, where.device, batch_size, num_workers,
                                            progress=progress)
-        out = Path(out_dir) if out_dir else Path(checkpoint).parent
         if where.is_main:
             with fresh_output(out):
                 out.mkdir(parents=True, exist_ok=True)

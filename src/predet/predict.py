@@ -26,6 +26,7 @@ from predet.detection.evaluation import (
     write_coco_results,
     write_results_json,
 )
+from predet.engine.runfolder import check_writable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -111,6 +112,7 @@ def predict(checkpoint, images, out_dir, score_thresh: float | None = None, imag
     if batch_size <= 0 or num_workers < 0:
         raise ConfigError(f"--batch-size {batch_size}, --num-workers {num_workers}: the batch size must be "
                           "positive and the workers >= 0")
+    check_writable(out_dir, "--out")  # before the whole inference runs, not after
     source = Path(images)
     if source.is_dir():
         records, root = folder_records(source), source

@@ -22,7 +22,7 @@ from predet.engine.distributed import get_rank, get_world_size
 from predet.engine.launch import launched, resolve_device
 from predet.engine.optim import check_solver
 from predet.engine.preemption import ignore_stop_signals
-from predet.engine.runfolder import run_folder
+from predet.engine.runfolder import check_writable, run_folder
 from predet.engine.trainer import TrainResult, check_train_config, train
 from predet.models.predet import LossConfig, ModelConfig, PreDet
 from predet.pretext import PretextDiagnosticsHook
@@ -100,6 +100,7 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     validate(cfg)  # also a config built in code, not loaded from YAML
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a labels.jsonl, a shard pattern or a shard folder")
+    check_writable(cfg.train.run_dir, "train.run_dir")
     if not any((cfg.loss.lambda_cls, cfg.loss.lambda_rpn, cfg.loss.lambda_roi)):
         raise ConfigError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
     check_solver(resolve_solver(cfg))

@@ -242,7 +242,10 @@ def read_weight_file(path: str | Path):
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError alike: unusable
+            raise CheckpointError(f"cannot read {path}: truncated or damaged safetensors file ({exc})") from None
     if path.suffix in (".pkl", ".pickle") and not zipfile.is_zipfile(path):
         return load_pickle_weights(path)
     return load_checkpoint(path, map_location="cpu")

@@ -98,19 +98,28 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RefusedCheckpoint(
             f"refusing to load {path}: it holds objects other than tensors and plain containers "
-            f"(loaded with weights_only=True, nothing in it was executed; {detail[:200]}); "
-            "re-save it as a plain dict of tensors"
+            f"({_refused_global(str(exc))}); nothing in it was executed (read with weights_only=True). "
+            "Re-save it as a plain dict of tensors; torch.load(weights_only=False) would run its code, "
+            "so use that only for a file from a source you trust"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many types for one meaning
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({first[:160]})"
                               ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a predet checkpoint (holds a {type(obj).__name__})")
     return obj
+
+
+def _refused_global(message: str) -> str:
+    """torch's reason, whole: the sentence naming the global it refused (or its first line)."""
+    for line in message.splitlines():
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return reason.split(". ")[0].rstrip(".")
+    return (message.strip().splitlines() or ["not a weights-only file"])[0].rstrip(".")
 
 
 def write_last_checkpoint(checkpoint_path: str | Path) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 from ..errors import DataError, RunLocked, UserError
@@ -140,6 +141,24 @@ def run_folder(folder: str | Path, what: str = "run"):
     finally:
         if lock is not None and not held_before:
             release_lock(lock)
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse, when a command starts, an output folder it could not write: the nearest folder
+    that exists must take a file (tried, not guessed from permission bits, which root ignores)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what}={path}: {probe} is a file, not a folder; choose a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".predet-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise UserError(f"{what}={path}: cannot write in {probe} ({exc.strerror or exc}); choose a folder "
+                        "you can write to") from None
 
 
 @contextlib.contextmanager
