@@ -647,3 +647,24 @@ def test_a_stale_lock_taken_over_by_many_at_once_has_one_holder(tmp_path):
         assert all(p.exitcode == 0 for p in procs)
         assert holders.value == 1 and sorted(results) == [0] * (contenders - 1) + [1], (round_, list(results))
         assert not (folder / ".lock").exists()
+
+
+def test_a_loader_worker_with_only_an_empty_shard_stops_the_run_with_one_line(weak_set, tmp_path, capsys):
+    # it used to drop out of the DataLoader's rotation, so batch order, and resume, hung on timing
+    import tarfile
+
+    from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
+    from predet.cli import main as cli_main
+
+    shards = tmp_path / "shards"
+    write_webdataset_shards(weak_set / "labels.jsonl", shards, shard_size=32)
+    with tarfile.open(shards / "shard-000009.tar", "w"):
+        pass  # a valid tar with no samples
+    args = ["pretrain", "--config", str(CPU_PRETRAIN_CONFIG), *tiny_pretrain_overrides(
+        weak_set, tmp_path / "run", 4, **{"data.train": shards, "data.vocab": shards / "vocab.json", "train.num_workers": 3})]
+    capsys.readouterr()
+    assert cli_main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "only empty shards" in lines[0] and "shard-000009.tar" in lines[0], lines[0]

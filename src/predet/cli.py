@@ -121,7 +121,8 @@ def cmd_demo(args) -> None:
 def format_metrics(metrics: dict) -> str:
     """AP figures in percent, as papers print them."""
     keys = [k for k in metrics if "/AP" in k]
-    return "  ".join(f"{k} {100 * metrics[k]:.1f}" for k in keys)
+    # COCOeval's -1: no ground truth of that size (or frequency) in the split, not an AP
+    return "  ".join(f"{k} {100 * metrics[k]:.1f}" if metrics[k] >= 0 else f"{k} n/a" for k in keys)
 
 
 def cmd_data_fashiondet(args) -> int:

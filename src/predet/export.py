@@ -346,6 +346,8 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, formats=
     check_writable(out_dir, "--out")
     with launched("cpu", "export") as where:
         paths = []
+        if where.is_main and Path(out_dir).is_dir() and any(Path(out_dir).iterdir()):
+            logger.warning("%s already holds files: exported files of the same names replace them", out_dir)
         if where.is_main:
             with fresh_output(out_dir):
                 paths = _export_checkpoint(checkpoint_path, out_dir, formats, arch)

@@ -379,7 +379,7 @@ def detector_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint"):
     """``load_detector`` for a checkpoint already read (so callers read the file once)."""
     if ckpt.get("extra_state", {}).get("kind") != "predet_finetune":
         raise CheckpointError(f"{source}: not a predet finetune checkpoint (no extra_state.kind="
-                              "'predet_finetune'); eval takes a checkpoint written by predet finetune")
+                              "'predet_finetune'); give a checkpoint written by predet finetune")
     cfg = from_dict(FinetuneConfig, ckpt["config"])
     detector = build_detector(cfg.model, num_classes=len(ckpt["extra_state"]["cat_ids"]))
     detector.load_state_dict(ckpt["model"])

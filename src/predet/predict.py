@@ -9,6 +9,7 @@ categories the results refer to, so a folder's made-up ids can be mapped back to
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from predet.detection.evaluation import (
     write_results_json,
 )
 from predet.engine.runfolder import check_writable
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -134,6 +137,9 @@ def predict(checkpoint, images, out_dir, score_thresh: float | None = None, imag
         out = Path(out_dir)
         results_path, info_path, drawings = out / RESULTS_FILE, out / "image_info.json", []
         if where.is_main:
+            for path in (results_path, info_path):
+                if path.exists():
+                    logger.warning("%s exists: replacing it with this run's", path)
             write_coco_results(results, results_path)
             categories = [{"id": int(c), "name": n} for c, n in zip(extra["cat_ids"], names)]
             write_results_json({"images": records, "categories": categories}, info_path)

@@ -21,7 +21,7 @@ from torchvision.ops import box_iou
 from torch.utils.data import DataLoader
 
 from predet.engine.distributed import broadcast_from_main, gather_to_main
-from predet.engine.preemption import ignore_stop_signals
+from predet.engine.preemption import ignore_ctrl_c
 from predet.engine.trainer import move_to_device
 from predet.models.contrastive import pairwise_iou
 
@@ -212,7 +212,7 @@ class PretextDiagnosticsHook:
             return
         loader = DataLoader(dataset, batch_sampler=[batches[k] for k in mine], collate_fn=collate,
                             num_workers=self.num_workers, pin_memory=device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals)
+                            worker_init_fn=ignore_ctrl_c)
         for k, batch in zip(mine, loader):
             yield k, move_to_device(batch, device)
 

@@ -442,6 +442,15 @@ def _decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int, sha
     return _make_sample(path, labels, image, transform, seed)
 
 
+def urls_of_stream(urls: Sequence[str], seed: int, epoch: int, rank: int, world_size: int, stream: int,
+                   streams: int) -> list[str]:
+    """The shards one loader stream reads in a pass: shuffled by (seed, epoch), then split by
+    rank and stream."""
+    urls = list(urls)
+    random.Random(derive_seed("shards", seed, epoch)).shuffle(urls)
+    return urls[rank::world_size][stream::streams]
+
+
 class WeakShardDataset(IterableDataset):
     """Stream of weak samples from WebDataset shards.
 
@@ -488,9 +497,7 @@ class WeakShardDataset(IterableDataset):
 
     def _raw_samples(self, epoch: int, rank: int, world_size: int, stream: int,
                      streams: int) -> Iterator[dict]:
-        urls = list(self.urls)
-        random.Random(derive_seed("shards", self.seed, epoch)).shuffle(urls)
-        shards = urls[rank::world_size][stream::streams]
+        shards = urls_of_stream(self.urls, self.seed, epoch, rank, world_size, stream, streams)
         samples = itertools.chain.from_iterable(_shard_samples(url) for url in shards)
         if self.shuffle > 1:
             rng = random.Random(derive_seed("samples", self.seed, epoch, rank, stream))
@@ -526,7 +533,14 @@ class WeakShardDataset(IterableDataset):
                     seed = derive_seed("sample", self.seed, rank, stream, n)
                     yield _decode_shard_sample(raw, self.vocab, self.transform, seed, len(self.urls))
                 n += 1
-            if not self.repeat or n == start:  # n == start: this worker has no data at all
+            if n == start and self.repeat:
+                # a worker with nothing to read drops out of the DataLoader's rotation, and the
+                # batch order (so resume) would then depend on timing
+                shards = urls_of_stream(self.urls, self.seed, epoch, rank, world_size, stream, workers)
+                raise UserError(
+                    f"loader worker {worker} of rank {rank} has only empty shards ({', '.join(shards)}): "
+                    "remove empty shards, or lower train.num_workers so each worker reads a shard with samples")
+            if not self.repeat or n == start:
                 return
 
 

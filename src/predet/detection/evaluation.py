@@ -33,7 +33,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from predet.engine.checkpoint import umask_mode
 from predet.engine.distributed import broadcast_from_main, gather_to_main, get_rank, get_world_size, is_main_process
-from predet.engine.preemption import ignore_stop_signals
+from predet.engine.preemption import ignore_ctrl_c
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
@@ -322,7 +322,7 @@ def inference_on_dataset(model, dataset, device="cpu", batch_size: int = 2, num_
     index = [list(range(k * batch_size, min((k + 1) * batch_size, len(dataset)))) for k in mine]
     loader = DataLoader(dataset, batch_sampler=index, num_workers=num_workers if index else 0,
                         collate_fn=collate_fn or _collate, pin_memory=device.type == "cuda",
-                        worker_init_fn=ignore_stop_signals)
+                        worker_init_fn=ignore_ctrl_c)
     cat_ids = _base_dataset(dataset).cat_ids
     with _eval_mode(model):
         _synchronize(device)

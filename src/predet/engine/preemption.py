@@ -4,8 +4,8 @@ and Ctrl-C.
 The first signal lets the current step finish; the trainer then writes a checkpoint (the same
 one a periodic checkpoint would be, so ``train.resume=true`` continues bit-exactly), releases
 the run folder's lock and raises :class:`Preempted`, which the CLI prints as one line. A second
-signal ends the process at once. Loader workers ignore both signals (a Ctrl-C reaches the whole
-process group): the main process decides when they stop.
+signal ends the process at once. Training-loader workers ignore both signals (a scheduler may
+signal every process; Ctrl-C reaches the whole group): the trainer ends them through the loader.
 """
 
 from __future__ import annotations
@@ -66,6 +66,15 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
-    """A DataLoader ``worker_init_fn``: SIGTERM and SIGINT are the main process's to handle."""
+    """``worker_init_fn`` of a training loader: SIGTERM and SIGINT are the main process's to
+    handle (a scheduler may signal every process, Ctrl-C reaches the whole group); the trainer
+    finishes its step, checkpoints, then shuts its loader down, which ends the workers."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def ignore_ctrl_c(worker_id: int | None = None) -> None:
+    """``worker_init_fn`` of an evaluation loader: Ctrl-C is the main process's to handle;
+    SIGTERM keeps its effect (how Python ends a loader's workers that outlive it at exit)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler a forked worker inherits

@@ -759,6 +759,9 @@ def train(
         _call_hooks(hooks, "after_train", state)
     finally:
         stop.__exit__(None, None, None)
+        # drop the loader here, not when the traceback goes: its workers ignore SIGTERM, so they
+        # must be shut down by the loader itself, not terminated at exit
+        data_iter = None  # noqa: F841
         bar.close()
         writer.close()
 
