@@ -668,3 +668,50 @@ def test_a_loader_worker_with_only_an_empty_shard_stops_the_run_with_one_line(we
     lines = [line for line in err.splitlines() if ": error: " in line]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert "only empty shards" in lines[0] and "shard-000009.tar" in lines[0], lines[0]
+
+
+class _SignalSelfAt:
+    """A hook that sends this process SIGTERM after step ``at``: a signal that reached one rank."""
+
+    def __init__(self, at: int, rank: int):
+        self.at, self.rank = at, rank
+
+    def after_step(self, state):
+        if state.iteration == self.at and state.rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _ddp_signal_worker(rank, world, port, weak, shards, tmp):
+    """Straight, SIGTERMed-on-rank-1-at-step-3 and resumed shard pre-training in one group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import predet.pretrain as pretrain_module
+    from predet.engine.distributed import cleanup
+    from predet.errors import Preempted
+
+    weak, shards, tmp = Path(weak), Path(shards), Path(tmp)
+    pretrain_module.cleanup = lambda: None  # one group for the three runs
+    real_train = pretrain_module.train
+    extra = {"train.batch_size": 2, "train.checkpoint_period": 1000}
+    try:
+        pretrain(shard_config(weak, shards, tmp / "straight", **extra))
+        pretrain_module.train = lambda *a, **k: real_train(*a, **{**k, "hooks": [_SignalSelfAt(PERIOD, 1)]})
+        cfg = shard_config(weak, shards, tmp / "run", **extra)
+        try:
+            pretrain(cfg)
+            raise AssertionError(f"rank {rank} did not stop")
+        except Preempted as exc:
+            assert exc.iteration == PERIOD and exc.signum == signal.SIGTERM, (rank, exc.iteration)
+        pretrain_module.train = real_train
+        pretrain(replace(cfg, train=replace(cfg.train, resume=True)))
+    finally:
+        cleanup()
+
+
+def test_two_process_gloo_run_stops_on_every_rank_when_one_is_signalled(weak_set, shards, tmp_path):
+    # under torchrun a signal may reach one rank first: every rank must stop at the same step
+    mp.spawn(_ddp_signal_worker, nprocs=2, args=(2, _free_port(), str(weak_set), str(shards), str(tmp_path)))
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint_0000004.pth"
+    assert (tmp_path / "run" / "checkpoints" / f"checkpoint_{PERIOD:07d}.pth").exists()
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "run"))
