@@ -97,9 +97,9 @@ def validate(cfg, prefix: str = "") -> None:
             raise ConfigError(f"{key}={shown}: must be {check.allowed}")
 
 
-@checked(lr=POSITIVE, momentum=between(0, 0.999), weight_decay=NON_NEGATIVE, max_iters=above(0),
+@checked(lr=NON_NEGATIVE, momentum=between(0, 0.999), weight_decay=NON_NEGATIVE, max_iters=above(0),
          warmup_iters=NON_NEGATIVE, warmup_factor=between(0, 1), schedule=one_of("step", "cosine"),
-         milestones=Check(lambda v: all(m > 0 for m in v) and v == sorted(v), "positive and ascending"),
+         milestones=Check(lambda v: all(m >= 0 for m in v) and v == sorted(v), "iterations >= 0, ascending"),
          gamma=POSITIVE, clip_grad_norm=NON_NEGATIVE, amp=one_of("none", "bf16", "fp16"))
 @dataclass
 class SolverConfig:

@@ -103,7 +103,8 @@ class EvalConfig:
     visualize: int = 0  # PNGs of predictions written at the end
 
 
-@checked(init_stride_in_1x1=one_of("auto", "true", "false"), init_input_format=one_of("auto", "RGB", "BGR"),
+@checked(init_stride_in_1x1=Check(lambda v: v.lower() in ("auto", "true", "false"), "auto, true or false"),
+         init_input_format=one_of("auto", "RGB", "BGR"),
          schedule=Check(lambda v: not v or normalize_schedule_name(v) in SCHEDULE_NAMES,
                         "empty or one of " + ", ".join(SCHEDULE_NAMES)), schedule_scale=POSITIVE)
 @dataclass

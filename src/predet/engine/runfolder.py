@@ -52,6 +52,20 @@ def _read_lock(path: Path) -> dict:
 _HELD: dict[str, int] = {}  # lock path -> the open descriptor holding its flock
 
 
+def _forget_locks_in_child() -> None:
+    """A forked child (a loader worker) must not keep the parent's lock alive: a flock lasts
+    while any copy of its descriptor is open, and a worker outlives a SIGKILLed parent briefly."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def _locked(folder: Path, lock: Path, holder: dict, what: str, host: str) -> RunLocked:
     pid = holder.get("pid", "?")
     where = "" if holder.get("host", host) == host else f" on host {holder.get('host')}"
