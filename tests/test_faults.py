@@ -130,16 +130,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_shard_worker(rank, world, port, weak, shards, tmp):
-    """Straight, crashed-after-checkpoint-3 and resumed shard pre-training in one process group."""
+def _join_group(rank, world, port):
+    """This process as ``rank`` of a gloo group kept across several runs: (pretrain module, cleanup)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import predet.pretrain as pretrain_module
     from predet.engine.distributed import cleanup
 
-    weak, shards, tmp = Path(weak), Path(shards), Path(tmp)
     pretrain_module.cleanup = lambda: None  # one group for the three runs
+    return pretrain_module, cleanup
+
+
+def _ddp_shard_worker(rank, world, port, weak, shards, tmp):
+    """Straight, crashed-after-checkpoint-3 and resumed shard pre-training in one process group."""
+    pretrain_module, cleanup = _join_group(rank, world, port)
+    weak, shards, tmp = Path(weak), Path(shards), Path(tmp)
     real_train = pretrain_module.train
     extra = {"train.batch_size": 2}
     try:
@@ -683,15 +689,10 @@ class _SignalSelfAt:
 
 def _ddp_signal_worker(rank, world, port, weak, shards, tmp):
     """Straight, SIGTERMed-on-rank-1-at-step-3 and resumed shard pre-training in one group."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    import predet.pretrain as pretrain_module
-    from predet.engine.distributed import cleanup
     from predet.errors import Preempted
 
+    pretrain_module, cleanup = _join_group(rank, world, port)
     weak, shards, tmp = Path(weak), Path(shards), Path(tmp)
-    pretrain_module.cleanup = lambda: None  # one group for the three runs
     real_train = pretrain_module.train
     extra = {"train.batch_size": 2, "train.checkpoint_period": 1000}
     try:
