@@ -338,11 +338,17 @@ def _worker_message(text: str) -> str:
     return "\n".join([first.split(": ", 1)[1] if ": " in first else first, *rest])
 
 
+# Verbs whose library call tries its own output folder (train.run_dir, or --out before inference).
+CHECK_OWN_OUTPUT = ("pretrain", "finetune", "eval", "predict", "export")
+
+
 def _check_outputs(args) -> None:
-    """Every output folder a verb names on its command line, tried for writing before any work
-    (pretrain and finetune check train.run_dir themselves)."""
+    """Every output folder the other verbs name on their command line, tried for writing before
+    any work."""
     from predet.engine.runfolder import check_writable
 
+    if args.verb in CHECK_OWN_OUTPUT:
+        return
     for option in ("out", "data"):
         value = getattr(args, option, None)
         if isinstance(value, str) and value and (option == "out" or args.verb == "demo"):

@@ -290,13 +290,9 @@ def _check_labels(records: Iterable[WeakRecord], vocab: Vocabulary, path: str | 
 # --------------------------------------------------------------------------------------
 
 
-def _open_rgb(source: str | io.BytesIO) -> Image.Image:
-    return open_rgb(source)  # data/images.py: the decoder every step shares
-
-
 def _try_open(source: str | io.BytesIO) -> tuple[Image.Image | None, str]:
     try:
-        return _open_rgb(source), ""
+        return open_rgb(source), ""  # data/images.py: the decoder every step shares
     except FileNotFoundError:
         return None, "not found"
     except Exception as exc:  # PIL raises many types for bad data; all mean "unusable"
