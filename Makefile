@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DATA ?= data/fashiondet
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup fashion-mnist test demo bench bench-scale bench-fashiondet bench-scale-curve clean
+.PHONY: setup fashion-mnist test demo bench bench-scale bench-fashiondet bench-scale-curve bench-seeds clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ bench-fashiondet: setup fashion-mnist
 # iterations, each fine-tuned at 1x on test; table, plot and fit under benchmarks/results/fashiondet/scale/.
 bench-scale-curve: setup fashion-mnist
 	$(BIN)/python benchmarks/fashiondet_scale.py $(BENCH_SCALE_FLAGS)
+
+# Pre-training seeds (PreDet, classification-only at seeds 1 and 2 beside the ladder's 0) and 3x
+# settled (scratch and PreDet, 3 seeds, val AP every 150 iterations): benchmarks/results/fashiondet/seeds/.
+bench-seeds: setup fashion-mnist
+	$(BIN)/python benchmarks/fashiondet_seeds.py $(BENCH_SEEDS_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
