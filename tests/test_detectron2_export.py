@@ -101,8 +101,11 @@ def test_config_fragment_reproduces_torchvision_inference(arch, tmp_path):
     path = write_detectron2_config(frag, tmp_path / "d2.yaml", ["a", "b", "c"])
     text = path.read_text()
     assert "a, b, c" in text
+    assert "register TorchvisionAnchorGenerator" in text and "cv2.imread(path)" in text  # BGR, as cv2 reads
     loaded = yaml.safe_load(text)
     m = loaded["MODEL"]
+    assert loaded["VERSION"] == 2  # else merge_from_file guesses the version and warns
+    assert m["ANCHOR_GENERATOR"]["NAME"] == "TorchvisionAnchorGenerator" and m["ANCHOR_GENERATOR"]["OFFSET"] == 0.0
     assert loaded["INPUT"] == {"FORMAT": "RGB", "MIN_SIZE_TEST": 96, "MAX_SIZE_TEST": 128}
     assert m["PIXEL_MEAN"] == [123.675, 116.28, 103.53] and m["PIXEL_STD"] == [58.395, 57.12, 57.375]
     assert m["RESNETS"]["STRIDE_IN_1X1"] is False and m["RESNETS"]["DEPTH"] == 18
@@ -119,3 +122,20 @@ def test_config_fragment_reproduces_torchvision_inference(arch, tmp_path):
         assert m["ROI_BOX_HEAD"]["POOLER_TYPE"] == "ROIAlign"  # aligned=False, as torchvision
         assert m["ROI_BOX_HEAD"]["POOLER_SAMPLING_RATIO"] == 2 and m["ROI_MASK_HEAD"]["POOLER_RESOLUTION"] == 14
         assert m["MASK_ON"] is True and m["ANCHOR_GENERATOR"]["SIZES"] == [[32], [64], [128], [256], [512]]
+
+
+def test_readme_registrations_block_is_python_and_registers_what_the_fragment_names():
+    """The agreement check execs this block in Detectron2; here (no Detectron2) it must at least
+    compile and define both names the fragments refer to."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("agreement", root / "benchmarks" / "detectron2_agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    block = agreement.readme_registrations(root / "README.md")
+    defined = {n.name for n in ast.parse(block).body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    assert {"TorchvisionAnchorGenerator", "build_retinanet_resnet_fpn_p5_backbone"} <= defined
+    assert agreement.box_iou([0, 0, 10, 10], [0, 0, 10, 5]) == pytest.approx(0.5)

@@ -181,6 +181,11 @@ D2_NORMS = {"frozen_bn": "FrozenBN", "bn": "BN", "syncbn": "SyncBN", "gn": "GN"}
 # Detectron2 has no builder for RetinaNet's P6 computed from P5 (torchvision's layout); the
 # README's "Moving to Detectron2" section registers this one in a few lines.
 D2_RETINANET_P5_BACKBONE = "build_retinanet_resnet_fpn_p5_backbone"
+# torchvision places each level's anchors at (padded image size // grid size) per side and rounds
+# them to whole pixels; Detectron2's default generator uses the level's nominal stride (P6 of a
+# 160-px image: 53 against 64) and unrounded anchors. The README's registered generator of this
+# name does what torchvision does.
+D2_TORCHVISION_ANCHORS = "TorchvisionAnchorGenerator"
 
 
 def detectron2_config(cfg: DetectorConfig, num_classes: int, detector: nn.Module, weights: str = "") -> dict:
@@ -209,7 +214,7 @@ def detectron2_config(cfg: DetectorConfig, num_classes: int, detector: nn.Module
                     **D2_RESNETS[cfg.backbone]},
         "FPN": {"IN_FEATURES": [f"res{i}" for i in range(first, 6)], "OUT_CHANNELS": cfg.fpn_channels,
                 "NORM": "GN" if cfg.norm == "gn" else ""},
-        "ANCHOR_GENERATOR": {"SIZES": [[int(s) for s in level] for level in gen.sizes],
+        "ANCHOR_GENERATOR": {"NAME": D2_TORCHVISION_ANCHORS, "SIZES": [[int(s) for s in level] for level in gen.sizes],
                              "ASPECT_RATIOS": [[float(r) for r in gen.aspect_ratios[0]]], "OFFSET": 0.0},
     }
     if retina:
@@ -250,6 +255,7 @@ def detectron2_config(cfg: DetectorConfig, num_classes: int, detector: nn.Module
             }
         detections = int(roi.detections_per_img)
     return {
+        "VERSION": 2,
         "MODEL": d2_model,
         "INPUT": {"FORMAT": "RGB", "MIN_SIZE_TEST": int(model.transform.min_size[-1]),
                   "MAX_SIZE_TEST": int(model.transform.max_size)},
@@ -263,9 +269,12 @@ def write_detectron2_config(config: dict, out_path: str | Path, class_names: lis
     import yaml
 
     lines = ["# Detectron2 config fragment written by `predet export`: torchvision's inference settings.",
-             "#   cfg = get_cfg(); cfg.merge_from_file(this_file); cfg.MODEL.WEIGHTS = <the .pkl beside it>"]
+             "#   cfg = get_cfg(); cfg.merge_from_file(this_file); cfg.MODEL.WEIGHTS = <the .pkl beside it>",
+             "#   DefaultPredictor(cfg)(cv2.imread(path)): give it BGR, as cv2 reads; INPUT.FORMAT RGB makes it flip"]
+    registered = [config["MODEL"]["ANCHOR_GENERATOR"]["NAME"]]
     if config["MODEL"]["META_ARCHITECTURE"] == "RetinaNet":
-        lines.append(f"# register {D2_RETINANET_P5_BACKBONE} first (README, 'Moving to Detectron2')")
+        registered.append(D2_RETINANET_P5_BACKBONE)
+    lines.append(f"# register {' and '.join(registered)} first (README, 'Moving to Detectron2')")
     if class_names:
         lines.append("# class ids 0..K-1 in Detectron2 are: " + ", ".join(class_names))
     text = "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)

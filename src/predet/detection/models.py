@@ -85,7 +85,14 @@ class PredetFasterRCNN(BatchInput, FasterRCNN):
 
 
 class PredetRetinaNet(BatchInput, RetinaNet):
-    pass
+    """torchvision's RetinaNet names its losses ``classification`` and ``bbox_regression``; the
+    trainer sums the outputs whose names start with ``loss``, so they get that prefix here."""
+
+    def forward(self, images, targets=None):
+        out = super().forward(images, targets)
+        if isinstance(out, dict):
+            return {k if k.startswith("loss") else f"loss_{k}": v for k, v in out.items()}
+        return out
 
 
 def freeze_stages(body: nn.Module, freeze_at: int) -> None:
