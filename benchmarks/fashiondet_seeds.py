@@ -233,6 +233,10 @@ def write_markdown(record: dict, path: Path) -> None:
             lines.append(f"| {ladder.LABELS[name]} | {_pct(box3[name]['test'])} | {_pct(mask3[name]['test'])} | "
                          f"{len(box3[name]['seeds'])} |")
     for metric, long in record["three_x"].items():
+        if c := long.get("predet_vs_scratch_test"):
+            lines.append("")
+            lines.append(f"- {metric} on test at 3x: PreDet - scratch {100 * c['gap']:+.1f}, 2 std {100 * c['two_std']:.1f}: "
+                         + ("PreDet wins by more than 2 std" if c["wins_by_2std"] else "inside 2 std"))
         if tta := long.get("time_to_accuracy"):
             hit = tta["predet_mean_curve_iterations"]
             per_seed = ", ".join("never" if v is None else f"{v:.0f}" for v in tta["predet_per_seed_iterations"])
