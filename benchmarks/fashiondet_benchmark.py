@@ -42,7 +42,7 @@ from predet.data.fashiondet import build_fashiondet, is_current_build
 from predet.demo import BENCHMARK_FINETUNE_CUTS
 from predet.engine.metrics import read_metrics
 from predet.finetune import load_finetune_config
-from predet.pretext import weight_change
+from predet.pretrain import weight_change
 from predet.report import plot_pretext_curves, write_report
 from predet.sweep import parse_grid_args, run_command, sweep, thread_env
 

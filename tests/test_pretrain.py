@@ -194,7 +194,7 @@ def test_pretext_diagnostics_are_one_when_the_answer_is_known():
 
 def test_weight_change_is_zero_without_updates_and_positive_after_training(weak_set, tmp_path):
     """The rebuilt initialisation is the one training started from: lr 0 leaves every part at 0."""
-    from predet.pretext import weight_change
+    from predet.pretrain import weight_change
 
     pretrain(tiny_pretrain_config(weak_set, tmp_path / "frozen", 2, **{"solver.lr": 0.0}))
     frozen = weight_change(tmp_path / "frozen" / "checkpoints" / "model_final.pth")

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.resources
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,8 @@ class TrainConfig:
 
 # Keys that say how a run is executed, not what it trains: they may change when a run is
 # resumed, and runs that differ only in them are the same setting.
+SCRATCH_INITS = ("scratch", "random")  # init= values that load no weights (torch-free home: sweep reads it)
+
 RUN_ONLY_KEYS = (
     "train.resume",
     "train.progress",
@@ -247,6 +250,17 @@ def from_dict(cls: type, data: dict, prefix: str = "", root: type | None = None)
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, f"{prefix}{f.name}")
     return cls(**kwargs)
+
+
+def flatten(data, sep: str = ".", prefix: str = "") -> dict:
+    """The leaves of nested mappings under joined keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); an
+    empty mapping is a leaf of its own, so two configs that differ only there still differ."""
+    if isinstance(data, Mapping) and data:
+        out = {}
+        for key, value in data.items():
+            out.update(flatten(value, sep, f"{prefix}{key}{sep}"))
+        return out
+    return {prefix[: -len(sep)] if prefix else prefix: data}
 
 
 def to_dict(cfg) -> dict:

@@ -1,4 +1,4 @@
-"""Export detectors and PreDet checkpoints for other codebases (DESIGN §1, §2 "Transfer").
+"""Export detectors and PreDet checkpoints for other codebases (method.md §1, §2 "Transfer").
 
 Two formats:
 

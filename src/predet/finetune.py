@@ -1,4 +1,4 @@
-"""``predet finetune`` and ``predet eval``: detectors on box-annotated data (DESIGN §3).
+"""``predet finetune`` and ``predet eval``: detectors on box-annotated data (method.md §3).
 
 Settings resolve in this order: the YAML file, then the named preset (a row of the
 supplement's tables), then ``key=value`` overrides. A named schedule is given at batch 16
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from predet.config import (
     FRACTION,
+    SCRATCH_INITS,
     NON_NEGATIVE,
     Check,
     POSITIVE,
@@ -245,7 +246,7 @@ def scratch_settings(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[str]]:
     """From scratch, frozen BN would freeze random statistics and ``freeze_at`` random layers:
     GroupNorm (any batch size, any number of processes) and nothing frozen instead, as
     from-scratch detectors are trained. Returns the config and what was changed, to say so."""
-    if cfg.init not in ("scratch", "random"):
+    if cfg.init not in SCRATCH_INITS:
         return cfg, []
     model, notes = cfg.model, []
     if model.norm == "frozen_bn":
@@ -264,7 +265,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a COCO or LVIS json")
     check_writable(cfg.train.run_dir, "train.run_dir")
-    if cfg.init not in ("scratch", "random") and not Path(cfg.init).is_file():
+    if cfg.init not in SCRATCH_INITS and not Path(cfg.init).is_file():
         raise ConfigError(f"init={cfg.init!r}: file not found; use 'scratch', 'random' or the path "
                           "of a weight file")
     check_train_config(cfg.train)

@@ -1,7 +1,7 @@
 """Pretext-task diagnostics: is each part of pre-training actually learning?
 
 Measured on held-out images, without random sampling so they are comparable across
-iterations, and each beside the floor it must beat (DESIGN §2.7):
+iterations, and each beside the floor it must beat (method.md §2.7):
 
 * weak-label mAP over the vocabulary on whole images against their true tags, vs a constant
   predictor;
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from predet.engine.distributed import broadcast_from_main, gather_to_main
 from predet.engine.preemption import ignore_ctrl_c
-from predet.engine.trainer import move_to_device
+from predet.engine.distributed import move_to_device
 from predet.models.contrastive import pairwise_iou
 
 logger = logging.getLogger(__name__)
@@ -146,37 +146,6 @@ def evaluate_weak_labels(model, batches) -> dict:
     if not pairs:
         return {}
     return weak_label_signals(torch.cat([s.cpu() for s, _ in pairs]), torch.cat([t.cpu() for _, t in pairs]))
-
-
-def _part(name: str) -> str:
-    """``backbone.body.layer3.1.conv2.weight`` -> ``backbone.body.layer3``; stem = conv1."""
-    parts = name.split(".")
-    return ".".join(parts[:3]) if parts[:2] == ["backbone", "body"] else ".".join(parts[:2])
-
-
-@torch.no_grad()
-def weight_change(checkpoint) -> dict[str, float]:
-    """Relative distance ||w - w0|| / ||w0|| of each part's conv/linear weights from the run's init.
-
-    Rebuilds the initialisation from the checkpoint's own config and seed. A pre-training whose
-    backbone barely moved cannot change fine-tuning much; one that rewrote mainly the stem
-    (``backbone.body.conv1``) has learned low-level cues such as colour.
-    """
-    from predet.config import from_dict
-    from predet.engine.checkpoint import load_checkpoint
-    from predet.pretrain import PretrainConfig, build_pretrain_model  # pretrain imports this module
-
-    state = load_checkpoint(checkpoint)
-    cfg = from_dict(PretrainConfig, state["config"])
-    init = build_pretrain_model(cfg, len(state["extra_state"]["vocab"])).state_dict()
-    moved, norm = {}, {}
-    for name, w in state["model"].items():
-        if name not in init or not w.is_floating_point() or w.dim() < 2:
-            continue  # norms' affine parameters and running statistics are not features
-        part = _part(name)
-        moved[part] = moved.get(part, 0.0) + float((w.float() - init[name].float()).pow(2).sum())
-        norm[part] = norm.get(part, 0.0) + float(init[name].float().pow(2).sum())
-    return {part: (moved[part] / norm[part]) ** 0.5 if norm[part] else float("nan") for part in moved}
 
 
 def fixed_batches(keys: list, batch_size: int) -> list[list]:

@@ -1,4 +1,4 @@
-"""``predet pretrain``: PreDet pre-training on weakly labelled images (DESIGN §2)."""
+"""``predet pretrain``: PreDet pre-training on weakly labelled images (method.md §2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
-from predet.config import NON_NEGATIVE, ConfigError, above, SolverConfig, TrainConfig, checked, load_config, to_dict, validate
+from predet.config import NON_NEGATIVE, ConfigError, above, SolverConfig, TrainConfig, checked, from_dict, load_config, to_dict, validate
 from predet.data.weak import (
     DeterministicBatchSampler,
     Vocabulary,
@@ -18,6 +18,7 @@ from predet.data.weak import (
     heldout_dataset,
 )
 from predet.detection.schedules import scale_solver
+from predet.engine.checkpoint import load_checkpoint
 from predet.engine.distributed import get_rank, get_world_size
 from predet.engine.launch import launched, resolve_device
 from predet.engine.optim import check_solver
@@ -183,3 +184,30 @@ def _pretrain(cfg: PretrainConfig) -> TrainResult:
         extra_state={"vocab": vocab.to_list(), "kind": "predet_pretrain"},
         hooks=hooks, config_dict=to_dict(cfg),
     )
+
+
+def _part(name: str) -> str:
+    """``backbone.body.layer3.1.conv2.weight`` -> ``backbone.body.layer3``; stem = conv1."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if parts[:2] == ["backbone", "body"] else ".".join(parts[:2])
+
+
+@torch.no_grad()
+def weight_change(checkpoint) -> dict[str, float]:
+    """Relative distance ||w - w0|| / ||w0|| of each part's conv/linear weights from the run's init.
+
+    Rebuilds the initialisation from the checkpoint's own config and seed. A pre-training whose
+    backbone barely moved cannot change fine-tuning much; one that rewrote mainly the stem
+    (``backbone.body.conv1``) has learned low-level cues such as colour.
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = from_dict(PretrainConfig, state["config"])
+    init = build_pretrain_model(cfg, len(state["extra_state"]["vocab"])).state_dict()
+    moved, norm = {}, {}
+    for name, w in state["model"].items():
+        if name not in init or not w.is_floating_point() or w.dim() < 2:
+            continue  # norms' affine parameters and running statistics are not features
+        part = _part(name)
+        moved[part] = moved.get(part, 0.0) + float((w.float() - init[name].float()).pow(2).sum())
+        norm[part] = norm.get(part, 0.0) + float(init[name].float().pow(2).sum())
+    return {part: (moved[part] / norm[part]) ** 0.5 if norm[part] else float("nan") for part in moved}

@@ -21,7 +21,7 @@ from typing import Iterable
 import yaml
 
 from predet import paper_tables
-from predet.config import RUN_ONLY_KEYS
+from predet.config import RUN_ONLY_KEYS, flatten
 from predet.sweep import mean_std, pretraining_label
 
 # (table column suffix, results key), in the supplement's column order
@@ -37,16 +37,6 @@ _RUN_ONLY_KEYS = (*RUN_ONLY_KEYS, "train.seed")
 
 
 # --------------------------------------------------------------------------- reading runs
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _read_json(path: Path) -> dict | None:
@@ -154,7 +144,7 @@ def collect_runs(dirs: Iterable[str | Path], labels: dict[str, str] | None = Non
             config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
             results = _read_json(run_dir / "results.json")
             init = str(config.get("init", "scratch"))
-            flat = _flatten(config)
+            flat = {k: v for k, v in flatten(config).items() if not isinstance(v, dict)}
             setting = {k: v for k, v in flat.items() if k not in _RUN_ONLY_KEYS}
             runs.append({
                 "run_dir": str(run_dir), "config": config, "results": results,

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from predet.config import ConfigError, parse_override
+from predet.config import SCRATCH_INITS, ConfigError, parse_override
 
 SHORT_KEYS: dict[str, str] = {
     "lr": "solver.lr",
@@ -43,7 +43,6 @@ SHORT_KEYS: dict[str, str] = {
 _SHORT_NAMES = {v: k for k, v in SHORT_KEYS.items()}
 # The sweep decides these per run; a grid or override that sets them would break the layout.
 SWEEP_OWNED_KEYS = ("train.run_dir", "train.seed", "train.resume")
-SCRATCH_INITS = ("", "scratch", "random")
 LAUNCHERS = ("local", "torchrun", "submitit")
 ERROR_TAIL_LINES = 20
 FAILED_FILE = "failed.json"  # in a run folder: the run failed deterministically (exit 2)
@@ -144,7 +143,7 @@ def pretraining_label(init: Any) -> str:
     SEER or torchvision file) is named by its stem; ``scratch``/``random`` -> ``scratch``.
     """
     text = str(init).strip()
-    if text in SCRATCH_INITS:
+    if not text or text in SCRATCH_INITS:
         return "scratch"
     path = Path(text)
     stem = path.name.split(".")[0] or path.name

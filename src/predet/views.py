@@ -1,4 +1,4 @@
-"""Two views of one image and the query boxes they share (DESIGN §2.1–2.2).
+"""Two views of one image and the query boxes they share (method.md §2.1–2.2).
 
 Every view keeps its geometric transform (crop in source pixels, scale, flip), so a box in
 source coordinates maps exactly into either view. Randomness comes from a per-sample seed,
@@ -59,7 +59,7 @@ class ViewTransform:
          max_tries=above(0))
 @dataclass
 class ViewConfig:
-    """Knobs of the two-view sampler (defaults follow DESIGN §2)."""
+    """Knobs of the two-view sampler (defaults follow method.md §2)."""
 
     size: int = 160
     scale: list[float] = field(default_factory=lambda: [0.3, 1.0])

@@ -1,4 +1,4 @@
-"""FashionDet: an offline, controlled detection benchmark (DESIGN.md section 5).
+"""FashionDet: an offline, controlled detection benchmark (docs/method.md §5).
 
 Fashion-MNIST garments are pasted, without overlapping each other, onto random crops of the real
 photographs bundled with scikit-image. Two products:
@@ -50,7 +50,7 @@ MAX_GARMENTS = 6
 SCALE_RANGE = (0.2, 0.6)  # garment side as a fraction of the canvas side
 # How the weak (pre-training) canvases are composed, per format version. Version 2 used the
 # detection canvases' clutter (1-6 small garments), in which a ResNet-18 trained from scratch on
-# 2 CPU cores never learned the *clean* tags (DESIGN §5 calibration). Version 3 makes them
+# 2 CPU cores never learned the *clean* tags (method.md §5 calibration). Version 3 makes them
 # object-centric, as ImageNet and hashtag photos mostly are: 1-3 larger garments.
 WEAK_COMPOSITION = {
     2: {"max_garments": MAX_GARMENTS, "scale_range": SCALE_RANGE},

@@ -11,7 +11,7 @@ A sample is ``{"path": str, "labels": float multi-hot [C], **transform(image, sa
 (``"image"``: uint8 CHW tensor when there is no transform). Images that cannot be decoded
 do not raise and are not silently dropped: they come back as
 ``{"skipped": True, "path": ..., "reason": ...}`` so :func:`collate_weak` can carry them
-inside the batch and :class:`SkipCounter` can count them across worker processes.
+inside the batch and the trainer can count them across worker processes.
 
 Augmentation randomness comes from an explicit per-sample seed, never from global RNG
 state, so a run is reproducible and a resumed run (see :class:`DeterministicBatchSampler`)
@@ -49,7 +49,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DeterministicBatchSampler",
     "LabelFileError",
-    "SkipCounter",
     "Vocabulary",
     "WeakLabelFolder",
     "WeakRecord",
@@ -755,43 +754,6 @@ def collate_weak(samples: Sequence[dict]) -> dict:
     damaged = [(s["path"], s["reason"], s["shards"]) for s in samples if s.get("skipped") and s.get("shards")]
     labels = torch.stack([s["labels"] for s in kept]) if kept else torch.zeros(0, 0)
     return {"samples": kept, "labels": labels, "skipped": skipped, "damaged_shards": damaged}
-
-
-class SkipCounter:
-    """Count of skipped images over a run, with the first few kept as examples."""
-
-    def __init__(self, keep: int = 20):
-        self.keep = keep
-        self.count = 0
-        self.examples: list[tuple[str, str]] = []
-
-    def update(self, batch: dict | Iterable[tuple[str, str]]) -> int:
-        """Add a collated batch's (or a list of) skipped entries; returns how many."""
-        entries = list(batch["skipped"] if isinstance(batch, dict) else batch)
-        self.count += len(entries)
-        room = self.keep - len(self.examples)
-        self.examples += [(str(p), str(r)) for p, r in entries[: max(room, 0)]]
-        return len(entries)
-
-    def summary(self, max_items: int = 5) -> str:
-        if not self.count:
-            return "skipped 0 images"
-        lines = [f"skipped {self.count} image(s) that could not be read (missing or not decodable):"]
-        lines += [f"  {path}: {reason}" for path, reason in self.examples[:max_items]]
-        if self.count > max_items:
-            lines.append(f"  ... and {self.count - max_items} more")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        """Plain types only, so it can be logged as JSON or stored in a checkpoint."""
-        return {"count": self.count, "examples": [list(e) for e in self.examples]}
-
-    @classmethod
-    def from_dict(cls, state: dict, keep: int = 20) -> "SkipCounter":
-        counter = cls(keep)
-        counter.count = int(state["count"])
-        counter.examples = [(str(p), str(r)) for p, r in state["examples"]][:keep]
-        return counter
 
 
 class DeterministicBatchSampler(Sampler):

@@ -37,6 +37,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from predet.data.images import open_rgb, stored_size_differs
 from predet.data.weak import DeterministicBatchSampler, derive_seed
+from predet.engine.checkpoint import atomic_write
 from predet.errors import InputNotFound, UserError
 
 __all__ = [
@@ -788,9 +789,5 @@ def write_subset(ann_file: str | Path, num_images: int, seed: int, out_path: str
         "annotations": sorted((a for a in data["annotations"] if a["image_id"] in chosen), key=lambda r: r["id"]),
     }
     out = {key: subset.get(key, value) for key, value in data.items()}
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps(out, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, out_path)
-    return out_path
+    text = json.dumps(out, separators=(",", ":"))
+    return atomic_write(out_path, lambda f: f.write(text.encode("utf-8")))

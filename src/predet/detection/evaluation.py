@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from predet.engine.checkpoint import umask_mode
+from predet.engine.checkpoint import atomic_write
 from predet.engine.distributed import broadcast_from_main, gather_to_main, get_rank, get_world_size, is_main_process
 from predet.engine.preemption import ignore_ctrl_c
 
@@ -481,21 +479,8 @@ def visualize(
 
 
 def _write_json(obj, path, **dump_kwargs) -> Path:
-    """JSON through a temp file + ``os.replace``, so a reader never sees half a file and a
-    crash leaves the previous one intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would hide the results from the user's group
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, **dump_kwargs)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """JSON written atomically: a reader never sees half a file, a crash keeps the previous one."""
+    return atomic_write(path, lambda f: (json.dump(obj, f, **dump_kwargs), f.write("\n")), mode="w")
 
 
 def write_results_json(metrics: dict, path) -> Path:

@@ -50,7 +50,7 @@ def _multiple_of_1x(k: int) -> Schedule:
         milestones=_detectron2_milestones(iters),
         source=(
             f"{k}x = {k} x 90k iterations at batch 16, lr x gamma at 2/3 and 8/9 of the run "
-            "(Detectron2 convention; DESIGN.md §3, supplement Tables 3-4)"
+            "(Detectron2 convention; docs/method.md §3, supplement Tables 3-4)"
         ),
     )
 

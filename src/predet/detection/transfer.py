@@ -1,4 +1,4 @@
-"""Initialising a detector from pre-trained weights (DESIGN §2 "Transfer").
+"""Initialising a detector from pre-trained weights (method.md §2 "Transfer").
 
 ``load_init_weights`` accepts a PreDet pre-training checkpoint, a torchvision detector or
 classification backbone file (also with ``module.``/``encoder.``-style prefixes, as SEER, InfoMin
@@ -35,15 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from predet.config import ConfigError
+from predet.config import SCRATCH_INITS, ConfigError
+from predet.detection.models import ARCHS
 from predet.engine.checkpoint import RefusedCheckpoint, load_checkpoint
 from predet.engine.distributed import unwrap_model
 from predet.errors import CheckpointError, InputNotFound
 
 logger = logging.getLogger(__name__)
 
-SCRATCH_INITS = ("scratch", "random")
-ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
 
 # ---------------------------------------------------------------------------------------------
 # The one torchvision <-> Detectron2 name table (import and export both use it).

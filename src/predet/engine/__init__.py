@@ -16,6 +16,7 @@ from .distributed import (
     get_world_size,
     init_distributed,
     is_main_process,
+    move_to_device,
     unwrap_model,
 )
 from .metrics import MetricsWriter, SmoothedValue, format_eta, read_metrics
@@ -25,7 +26,6 @@ from .trainer import (
     TrainerState,
     TrainResult,
     config_differences,
-    move_to_device,
     seed_everything,
     train,
 )

@@ -14,6 +14,7 @@ import statistics
 from collections import deque
 from pathlib import Path
 
+from ..config import flatten
 from .checkpoint import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -71,16 +72,10 @@ def _finite_or_none(value):
     return value
 
 
-def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
+def _scalars(record: dict) -> dict[str, float]:
     """Numeric leaves of a nested record as ``a/b`` keys, for TensorBoard scalars."""
-    out = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
+    return {k: float(v) for k, v in flatten(record, "/").items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class MetricsWriter:
@@ -115,7 +110,7 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None and "iteration" in record:
             step = int(record["iteration"])
-            for name, value in _flatten(record).items():
+            for name, value in _scalars(record).items():
                 if name not in ("iteration", "timestamp"):
                     self._tb.add_scalar(name, value, step)
             self._tb.flush()

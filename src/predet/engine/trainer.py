@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import RUN_ONLY_KEYS, ConfigError, SolverConfig, TrainConfig
+from ..config import RUN_ONLY_KEYS, ConfigError, SolverConfig, TrainConfig, flatten
 from ..errors import CheckpointError, DataError, UserError
 from .checkpoint import (
     atomic_write,
@@ -46,6 +46,7 @@ from .checkpoint import (
     write_last_checkpoint,
 )
 from .distributed import (
+    move_to_device,
     all_gather_object,
     all_reduce_mean,
     all_reduce_sum_ints,
@@ -119,19 +120,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def move_to_device(obj: Any, device: torch.device | str) -> Any:
-    """Tensors inside nested dicts / lists / tuples moved to ``device`` (non-blocking)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: move_to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(move_to_device(v, device) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to_device(v, device) for v in obj)
-    return obj
-
-
 def _plain(obj: Any) -> Any:
     """Config-like data as YAML- and weights_only-safe builtins (tuples -> lists, Path -> str)."""
     if isinstance(obj, Mapping):
@@ -147,22 +135,13 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, Mapping) and data:
-        out = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): data}
-
-
 def _key_in(key: str, names: Iterable[str]) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
 
 
 def config_differences(saved: Mapping, current: Mapping) -> list[str]:
     """Human-readable differences between two config dicts that forbid resuming."""
-    a, b = _flatten(_plain(saved)), _flatten(_plain(current))
+    a, b = flatten(_plain(saved)), flatten(_plain(current))
     missing = "<absent>"
     diffs = []
     for key in sorted(set(a) | set(b)):

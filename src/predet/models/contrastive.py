@@ -1,4 +1,4 @@
-"""Contrastive RoI head (DESIGN §2.7): which RoI of view 2 is the query of view 1?
+"""Contrastive RoI head (method.md §2.7): which RoI of view 2 is the query of view 1?
 
 RoIs come from the CRPN's proposals for each query plus ``b2[q]`` itself. Every query is
 scored against every RoI of the batch in one similarity matrix; the RoIs of the same image

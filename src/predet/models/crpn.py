@@ -1,4 +1,4 @@
-"""CRPN: a query-conditioned RPN (DESIGN §2.6, supplement §3).
+"""CRPN: a query-conditioned RPN (method.md §2.6, supplement §3).
 
 The ordinary RPN trunk runs on view 2. Two small MLPs turn each query embedding into the
 weights of a 1x1 conv (A outputs for scores, 4A for deltas). Applied per query that is a

@@ -1,4 +1,4 @@
-"""The PreDet pre-training model: a two-stage detector trained without boxes (DESIGN §2).
+"""The PreDet pre-training model: a two-stage detector trained without boxes (method.md §2).
 
 Module names are chosen for transfer: ``backbone.body``/``backbone.fpn`` as in torchvision,
 ``crpn.trunk`` is torchvision's ``rpn.head.conv`` and ``box_head.fc6``/``fc7`` is its
@@ -182,7 +182,3 @@ class PreDet(nn.Module):
             out["loss_roi_reg"] = lam.lambda_roi * losses["loss_roi_reg"]
             out["acc_nce"] = losses["acc_nce"]
         return out
-
-
-def build_predet(num_classes: int, model: ModelConfig | None = None, loss: LossConfig | None = None) -> PreDet:
-    return PreDet(num_classes, model, loss)

@@ -1,4 +1,4 @@
-"""Weak-label classification head (DESIGN §2.4).
+"""Weak-label classification head (method.md §2.4).
 
 Softmax cross-entropy against the multi-hot target normalised to sum 1 is the hashtag recipe
 of Mahajan et al. (2018): it tolerates missing tags better than BCE. BCE is an option.
