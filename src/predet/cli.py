@@ -355,6 +355,19 @@ def _check_outputs(args) -> None:
             check_writable(value, f"--{option}")
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: under torchrun every rank shares the stream, and a
+    line written in pieces can be cut by another rank's."""
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stream: no descriptor
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        return
+    os.write(fd, (line + "\n").encode(errors="replace"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -363,17 +376,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except Preempted as exc:  # a checkpoint is on disk: one line, exit 128 + the signal
         if _main_process():
-            print(f"predet {args.verb}: {exc}", file=sys.stderr)
+            _say(f"predet {args.verb}: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (data building, evaluation)
-        print(f"predet {args.verb}: interrupted", file=sys.stderr)
+        _say(f"predet {args.verb}: interrupted")
         return 130
     except Exception as exc:
         line = user_error_line(exc)
         if line is None:
             raise
         rank = "" if _main_process() else f"rank {os.environ['RANK']}: "  # under torchrun: which process
-        print(f"predet {args.verb}: error: {rank}{line}", file=sys.stderr)
+        _say(f"predet {args.verb}: error: {rank}{line}")
         return 2
 
 
