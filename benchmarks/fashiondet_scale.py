@@ -32,6 +32,7 @@ import fashiondet_benchmark as ladder  # noqa: E402
 
 from predet.data.fashiondet import build_fashiondet, is_current_build  # noqa: E402
 from predet.pretrain import load_pretrain_config  # noqa: E402
+from predet.report import save_figure  # noqa: E402
 
 FORMAT_VERSION = 1
 RESULTS = Path("benchmarks/results/fashiondet")
@@ -235,9 +236,7 @@ def plot(rows: list[dict], scratch: dict, path: Path) -> None:
         ax.set_ylabel(f"test {metric} (1x fine-tuning)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

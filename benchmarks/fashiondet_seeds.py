@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashiondet_benchmark as ladder  # noqa: E402
 
 from predet.data.fashiondet import build_fashiondet, is_current_build  # noqa: E402
+from predet.report import save_figure  # noqa: E402
 
 FORMAT_VERSION = 1
 RESULTS = Path("benchmarks/results/fashiondet")
@@ -276,9 +277,7 @@ def plot_curves(long: dict, metric: str, path: Path) -> None:
     ax.set_ylabel(f"val {metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -99,3 +99,21 @@ class CrashAt:
     def after_step(self, state):
         if state.iteration == self.iteration:
             raise KeyboardInterrupt("simulated crash")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmarks(monkeypatch, *names: str):
+    """Import benchmark scripts (not a package) by file, the later ones able to import the
+    earlier; returns the last. Registered in sys.modules: dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in names:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+    return sys.modules[names[-1]]

@@ -1,25 +1,17 @@
 """The FashionDet scale-curve benchmark: its plan, its fit, and its report of finished points."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import load_benchmarks
 
 
 @pytest.fixture
 def scale(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    for name in ("fashiondet_benchmark", "fashiondet_scale"):
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["fashiondet_scale"]
+    return load_benchmarks(monkeypatch, "fashiondet_benchmark", "fashiondet_scale")
 
 
 def write_summary(path: Path, box: list[float], mask: list[float], seconds: float) -> Path:

@@ -1,25 +1,17 @@
 """The FashionDet seeds benchmark: its job order, pooled statistics, time to accuracy and report."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import load_benchmarks
 
 
 @pytest.fixture
 def seeds(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    for name in ("fashiondet_benchmark", "fashiondet_seeds"):
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["fashiondet_seeds"]
+    return load_benchmarks(monkeypatch, "fashiondet_benchmark", "fashiondet_seeds")
 
 
 def write_sweep(folder: Path, box: list[float], curves: list[list[tuple[int, float]]] | None = None) -> Path:
