@@ -97,6 +97,20 @@ def test_anchor_sampling_is_balanced():
     assert not (pos & (labels != 1)).any() and not (neg & (labels != 0)).any()
 
 
+def test_ranking_only_as_many_as_a_row_may_take_is_the_same_sample():
+    # sample_anchors ranks at most per_query * pos_fraction positives: the same mask as
+    # ranking per_query of them under the same random keys
+    from predet.models.crpn import sample_by_rank
+    g = torch.Generator().manual_seed(0)
+    eligible = torch.rand(20, 300, generator=g) < 0.3
+    counts = torch.randint(0, 40, (20,), generator=g).clamp(max=16)
+    torch.manual_seed(3)
+    short = sample_by_rank(eligible, counts, 16)
+    torch.manual_seed(3)
+    long = sample_by_rank(eligible, counts, 64)
+    assert torch.equal(short, long) and torch.equal(short.sum(1), torch.minimum(counts, eligible.sum(1)))
+
+
 def clustered_boxes(groups, k, seed):
     """Boxes in a few tight clusters per row (so NMS suppresses many), sorted by random scores."""
     g = torch.Generator().manual_seed(seed)
@@ -110,11 +124,12 @@ def clustered_boxes(groups, k, seed):
     return boxes, scores
 
 
-@pytest.mark.parametrize("thresh", [0.3, 0.5, 0.7])
-def test_ranked_nms_keeps_what_torchvision_nms_keeps_row_by_row(thresh):
+@pytest.mark.parametrize("thresh,chunk", [(0.3, 8), (0.5, 8), (0.7, 8), (0.5, 1), (0.5, 5), (0.5, 64)])
+def test_ranked_nms_keeps_what_torchvision_nms_keeps_row_by_row(thresh, chunk):
+    # chunk: how many boxes' overlaps are built at a time (5 does not divide the 48 boxes)
     boxes, scores = clustered_boxes(40, 48, seed=int(thresh * 10))
     valid = ((boxes[..., 2] - boxes[..., 0]) >= 1e-3) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-3)
-    kept = ranked_nms(boxes, valid, thresh)
+    kept = ranked_nms(boxes, valid, thresh, chunk=chunk)
     for row in range(len(boxes)):
         idx = valid[row].nonzero()[:, 0]
         expected = torch.zeros(boxes.shape[1], dtype=torch.bool)

@@ -102,6 +102,24 @@ def test_the_backward_matrix_is_a_valid_csr_equal_to_the_coalesced_sums():
     torch.testing.assert_close(m.to_dense(), coo.to_dense(), rtol=0, atol=1e-12)
 
 
+def test_the_bags_rows_come_sorted_so_the_backward_may_skip_its_sort():
+    # the backward builds its matrix with rows_sorted=True: that is right only if every bag's
+    # positions are in increasing order, boxes of every scale and outside the image included
+    from predet.models.roi_pool import roi_align_bags
+    boxes = random_boxes(3, 40, 96)
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    levels = torch.randint(0, 4, (len(rois),), generator=torch.Generator().manual_seed(2))
+    shapes = [(3, 96 // 2 ** (i + 2), 96 // 2 ** (i + 2)) for i in range(4)]
+    cols, vals = roi_align_bags(rois, levels, shapes, [1 / 2 ** (i + 2) for i in range(4)], 7, 2)
+    assert (cols[:, 1:] >= cols[:, :-1]).all()
+    positions = sum(n * h * w for n, h, w in shapes)
+    sorted_path = bags_to_csr(cols, vals, positions, rows_sorted=True)
+    shuffled = torch.randperm(cols.shape[1], generator=torch.Generator().manual_seed(3))
+    general_path = bags_to_csr(cols[:, shuffled], vals[:, shuffled], positions)
+    torch.testing.assert_close(sorted_path.to_dense(), general_path.to_dense(), rtol=0, atol=1e-7)
+    assert torch.equal(sorted_path.col_indices(), general_path.col_indices())
+
+
 def test_box_head_on_the_cpu_pools_layout_equals_the_plain_head():
     # the sparse path returns channels-last pooled features; BoxHead folds that layout into
     # fc6's weight: the same features and gradients as torchvision's head on a contiguous copy

@@ -143,9 +143,11 @@ def anchor_labels(anchors: torch.Tensor, targets: torch.Tensor, fg_iou: float, b
 def sample_anchors(labels: torch.Tensor, per_query: int, pos_fraction: float):
     """Balanced anchor sample per row: masks of sampled positives and negatives."""
     pos, neg = labels == 1, labels == 0
-    num_pos = pos.sum(1).clamp(max=int(per_query * pos_fraction))
+    max_pos = int(per_query * pos_fraction)
+    num_pos = pos.sum(1).clamp(max=max_pos)
     num_neg = torch.minimum(neg.sum(1), per_query - num_pos)
-    return sample_by_rank(pos, num_pos, per_query), sample_by_rank(neg, num_neg, per_query)
+    # no row takes more than max_pos positives: ranking only that many is the same sample
+    return sample_by_rank(pos, num_pos, max_pos), sample_by_rank(neg, num_neg, per_query)
 
 
 class CRPNLoss(nn.Module):
@@ -173,7 +175,8 @@ class CRPNLoss(nn.Module):
         return {"loss_crpn_score": loss_score, "loss_crpn_reg": loss_reg}
 
 
-def ranked_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float, max_keep: int | None = None) -> torch.Tensor:
+def ranked_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float, max_keep: int | None = None,
+               chunk: int = 8) -> torch.Tensor:
     """Greedy NMS in every row at once: ``boxes`` (G, K, 4), each row sorted by decreasing
     score, ``valid`` (G, K) -> kept (G, K). The same boxes as torchvision's ``nms`` on each row
     (its IoU arithmetic, ``> iou_thresh`` suppresses; invalid boxes neither kept nor
@@ -183,20 +186,30 @@ def ranked_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float, max_
     every row has that many or nothing left."""
     x1, y1, x2, y2 = boxes.unbind(-1)
     area = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[:, :, None], x2[:, None]) - torch.maximum(x1[:, :, None], x1[:, None])).clamp_(min=0)
-    h = (torch.minimum(y2[:, :, None], y2[:, None]) - torch.maximum(y1[:, :, None], y1[:, None])).clamp_(min=0)
-    inter = w.mul_(h)
-    overlaps = inter / (area[:, :, None] + area[:, None, :] - inter) > iou_thresh  # (G, K, K)
     suppressed = ~valid
     kept = torch.zeros_like(valid)
     count = torch.zeros(len(boxes), dtype=torch.long, device=boxes.device)
-    for i in range(boxes.shape[1]):  # K small steps, each over every row
-        keep_i = ~suppressed[:, i]
-        kept[:, i] = keep_i
-        suppressed |= overlaps[:, i] & keep_i[:, None]
-        if max_keep is not None and i % 8 == 7:  # a check costs a sync: not every step
-            count += kept[:, i - 7 : i + 1].sum(1)
-            if bool(((count >= max_keep) | suppressed[:, i + 1 :].all(1)).all()):
+    k = boxes.shape[1]
+    for start in range(0, k, chunk):
+        # the overlaps of a chunk of boxes with the boxes from it on, when the pass gets there:
+        # (G, chunk, K - start) stays in cache, and a pass that stops early never builds the
+        # rest (the whole (G, K, K) matrix at once was 5x slower)
+        end = min(start + chunk, k)
+        now, later = slice(start, end), slice(start, None)
+        w = (torch.minimum(x2[:, now, None], x2[:, None, later])
+             - torch.maximum(x1[:, now, None], x1[:, None, later])).clamp_(min=0)
+        h = (torch.minimum(y2[:, now, None], y2[:, None, later])
+             - torch.maximum(y1[:, now, None], y1[:, None, later])).clamp_(min=0)
+        inter = w.mul_(h)
+        overlaps = inter / (area[:, now, None] + area[:, None, later] - inter) > iou_thresh
+        rest = suppressed[:, later]  # a view: suppressing here suppresses in ``suppressed``
+        for i in range(end - start):  # small steps, each over every row
+            keep_i = ~rest[:, i]
+            kept[:, start + i] = keep_i
+            rest |= overlaps[:, i] & keep_i[:, None]
+        if max_keep is not None and end < k:  # a check costs a sync: once per chunk
+            count += kept[:, now].sum(1)
+            if bool(((count >= max_keep) | suppressed[:, end:].all(1)).all()):
                 break
     return kept
 
