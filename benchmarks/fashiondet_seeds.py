@@ -39,6 +39,7 @@ import fashiondet_benchmark as ladder  # noqa: E402
 
 from predet.data.fashiondet import build_fashiondet, is_current_build  # noqa: E402
 from predet.report import save_figure  # noqa: E402
+from predet.sweep import seed_gap  # noqa: E402
 
 FORMAT_VERSION = 1
 RESULTS = Path("benchmarks/results/fashiondet")
@@ -112,13 +113,7 @@ def pooled(by_seed: dict[int, list[dict]], metric: str) -> dict | None:
     return stats
 
 
-def compare(a: dict | None, b: dict | None) -> dict | None:
-    """The ladder's rule: a wins when its mean is above b's by more than twice the larger std."""
-    if not a or not b or a.get("std") is None or b.get("std") is None:
-        return None
-    two_std = 2 * max(a["std"], b["std"])
-    gap = a["mean"] - b["mean"]
-    return {"gap": gap, "two_std": two_std, "wins_by_2std": gap > two_std}
+compare = seed_gap  # the ladder's rule: a wins when its mean is above b's by more than twice the larger std
 
 
 def val_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:

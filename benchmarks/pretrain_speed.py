@@ -47,6 +47,23 @@ def best_time(fn, reps: int, device) -> float:
     return min(times)
 
 
+def best_times_interleaved(fns: list, reps: int, device) -> list[float]:
+    """Best of ``reps`` timed calls of each function, taken in turn (a, b, c, a, b, c, ...):
+    on a noisy machine a slow spell then slows every function alike, where timing one after
+    the other let it land on one of them (a step's best time moved by 10 % between runs)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, spent in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            spent.append(time.perf_counter() - start)
+    return [min(spent) for spent in times]
+
+
 def crpn_speedup(q: int, n: int, size: int, channels: int, reps: int, device) -> dict:
     """The query-conditioned 1x1 convs, forward + backward: one batched op vs a loop per query.
 
@@ -114,12 +131,12 @@ def step_ratio(model_cfg: ModelConfig, n: int, size: int, q: int, reps: int, dev
         c5, fpn = m.features(batch["view1"], batch["view2"])  # the same views, per-view BN as set
         return {"loss": c5.mean() + sum(f.mean() for f in fpn.values())}
 
-    t_predet = best_time(train_step(predet, lambda m: m(batch)), reps, device)
-    t_frcnn = best_time(train_step(frcnn, lambda m: m(images, targets)), reps, device)
-    t_floor = best_time(train_step(PreDet(10, model_cfg).to(device), floor_losses), reps, device)
     with_tv = PreDet(10, model_cfg).to(device)  # the same step with torchvision's own RoIAlign
     with_tv.roi_align = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=model_cfg.roi_canonical_scale)
-    t_tv = best_time(train_step(with_tv, lambda m: m(batch)), reps, device)
+    t_predet, t_floor, t_tv = best_times_interleaved(
+        [train_step(predet, lambda m: m(batch)), train_step(PreDet(10, model_cfg).to(device), floor_losses),
+         train_step(with_tv, lambda m: m(batch))], reps, device)
+    t_frcnn = best_time(train_step(frcnn, lambda m: m(images, targets)), reps, device)
     return {"predet_step_s": t_predet, "fasterrcnn_step_s": t_frcnn, "backbone_fpn_step_s": t_floor,
             "predet_step_torchvision_roi_align_s": t_tv,
             "ratio": t_predet / t_frcnn, "floor_ratio": t_predet / t_floor, "roi_align_ratio": t_tv / t_predet}

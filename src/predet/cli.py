@@ -115,6 +115,7 @@ def cmd_demo(args) -> None:
 
     result = run_demo(args.out, args.data, args.size, args.seed, progress=not args.no_progress)
     print(result.table)
+    print(result.payoff)
     print(f"AP against fine-tuning iterations: {result.plot}")
 
 

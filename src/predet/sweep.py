@@ -374,6 +374,16 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def seed_gap(a: dict | None, b: dict | None) -> dict | None:
+    """Whether ``a`` beats ``b`` beyond seed noise, our rule everywhere (the ladder, the demo):
+    its mean is above by more than twice the larger sample std. ``a``/``b``: {"mean", "std"}."""
+    if not a or not b or a.get("std") is None or b.get("std") is None:
+        return None
+    two_std = 2 * max(a["std"], b["std"])
+    gap = a["mean"] - b["mean"]
+    return {"gap": gap, "two_std": two_std, "wins_by_2std": gap > two_std}
+
+
 def _metric(row: dict, split: str, metric: str) -> float | None:
     value = (row.get(split) or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) and value >= 0 else None
