@@ -23,7 +23,7 @@ import torch
 
 from predet.config import TrainConfig
 from predet.data.fashiondet import build_fashiondet
-from predet.detection.datasets import build_detection_dataset, collate_detection
+from predet.data.coco import build_detection_dataset, collate_detection
 from predet.detection.evaluation import evaluate_dataset
 from predet.detection.models import build_detector, with_torchvision_poolers
 from predet.engine.optim import build_optimizer

@@ -242,8 +242,8 @@ def test_unreadable_training_image_is_skipped_listed_and_reported(fashiondet_tin
     """A zero-byte image in the detection set: the run goes on, skipped.jsonl and results.json say so."""
     import shutil
 
-    from predet.data.weak import DeterministicBatchSampler
-    from predet.detection.datasets import CocoDetection
+    from predet.data.samplers import DeterministicBatchSampler
+    from predet.data.coco import CocoDetection
 
     det = fashiondet_tiny / "det"
     images = tmp_path / "images"
@@ -267,7 +267,7 @@ def test_unreadable_training_image_is_skipped_listed_and_reported(fashiondet_tin
 @pytest.mark.parametrize("flip_p", [0.0, 1.0])
 def test_data_flip_p_is_what_the_training_set_flips_with(fashiondet_tiny, tmp_path, flip_p):
     # data.flip_p was never passed on: 0 and 1 trained bit-identical weights
-    from predet.detection.datasets import build_detection_dataset
+    from predet.data.coco import build_detection_dataset
     from predet.finetune import build_training_set
 
     cfg = load_finetune_config(CPU_FINETUNE_CONFIG, tiny_finetune_overrides(

@@ -84,7 +84,7 @@ def _coco(tmp_path, image: Image.Image, width: int, height: int, **save) -> tupl
 
 
 def test_the_detection_sets_read_16_bit_frames_as_they_look(tmp_path):
-    from predet.detection.datasets import CocoDetection
+    from predet.data.coco import CocoDetection
 
     deep = Image.fromarray((RAMP * 65535).astype(np.uint16))
     for train in (False, True):  # evaluation and training read the same pixels
@@ -94,7 +94,8 @@ def test_the_detection_sets_read_16_bit_frames_as_they_look(tmp_path):
 
 
 def test_a_record_sized_for_the_stored_image_names_the_exif_turn(tmp_path):
-    from predet.detection.datasets import AnnotationError, CocoDetection
+    from predet.data.coco_json import AnnotationError
+    from predet.data.coco import CocoDetection
 
     exif = Image.Exif()
     exif[0x0112] = 6

@@ -134,7 +134,7 @@ def test_best_setting_is_chosen_on_val_from_finished_runs(tmp_path):
 
 def _sweep_overrides(fashiondet: Path, tmp_path: Path) -> list[str]:
     """The tiny fine-tuning of the other tests, shrunk further: Faster R-CNN, 64 px, 4 val images."""
-    from predet.detection.datasets import write_subset
+    from predet.data.coco_json import write_subset
 
     val = write_subset(fashiondet / "det" / "annotations" / "val.json", 4, 0, tmp_path / "val4.json")
     items = tiny_finetune_overrides(

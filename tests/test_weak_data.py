@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from predet.data.samplers import DeterministicBatchSampler
 from predet.data.weak import (
-    DeterministicBatchSampler,
     LabelFileError,
     Vocabulary,
     WeakLabelFolder,
@@ -192,43 +192,6 @@ def test_collate_all_skipped():
 
 
 # ---------------------------------------------------------------- deterministic sampler
-
-
-def _take(sampler, n):
-    it = iter(sampler)
-    return [next(it) for _ in range(n)]
-
-
-def test_sampler_resume_equals_tail_of_full_run():
-    full = _take(DeterministicBatchSampler(10, 3, seed=7), 12)
-    resumed = _take(DeterministicBatchSampler(10, 3, seed=7, start_iter=5), 7)
-    assert resumed == full[5:]
-    assert _take(DeterministicBatchSampler(10, 3, seed=8), 12) != full
-
-
-def test_sampler_epochs_are_permutations():
-    n, bs = 12, 4
-    stream = [i for batch in _take(DeterministicBatchSampler(n, bs, seed=1), 9) for i, _ in batch]
-    epochs = [stream[k : k + n] for k in range(0, len(stream), n)]
-    assert all(sorted(e) == list(range(n)) for e in epochs)
-    assert epochs[0] != epochs[1]
-
-
-def test_sampler_ranks_partition_the_global_batch():
-    n, bs, world, iters = 12, 3, 2, 10  # global batch 6 divides 12: no batch straddles epochs
-    ranks = [_take(DeterministicBatchSampler(n, bs, seed=3, rank=r, world_size=world), iters) for r in range(world)]
-    reference = DeterministicBatchSampler(n, bs, seed=3, world_size=world)
-    stream = []
-    for it in range(iters):
-        a, b = ranks[0][it], ranks[1][it]
-        assert len(a) == len(b) == bs
-        assert a + b == reference.global_batch(it)
-        assert not {i for i, _ in a} & {i for i, _ in b}
-        seeds = [s for _, s in a + b]
-        assert len(set(seeds)) == len(seeds)
-        stream += [i for i, _ in a + b]
-    for k in range(0, len(stream), n):  # together the ranks see every index once per epoch
-        assert sorted(stream[k : k + n]) == list(range(n))
 
 
 def test_sampler_drives_a_dataloader(tmp_path):

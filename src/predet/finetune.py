@@ -36,16 +36,9 @@ from predet.config import (
     to_dict,
     validate,
 )
-from predet.data.weak import DeterministicBatchSampler
-from predet.detection.datasets import (
-    AnnotationError,
-    RepeatFactorBatchSampler,
-    build_detection_dataset,
-    collate_detection,
-    repeat_factors,
-    subset_path,
-    write_subset,
-)
+from predet.data.coco import build_detection_dataset, collate_detection
+from predet.data.coco_json import AnnotationError, subset_path, write_subset
+from predet.data.samplers import DeterministicBatchSampler, RepeatFactorBatchSampler, repeat_factors
 from predet.detection.evaluation import (
     RESULTS_FILE,
     Evaluation,

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from predet.config import NON_NEGATIVE, ConfigError, above, SolverConfig, TrainConfig, checked, from_dict, load_config, to_dict, validate
+from predet.data.samplers import DeterministicBatchSampler
 from predet.data.weak import (
-    DeterministicBatchSampler,
     Vocabulary,
     build_weak_dataset,
     collate_weak,

@@ -14,7 +14,7 @@ do not raise and are not silently dropped: they come back as
 inside the batch and the trainer can count them across worker processes.
 
 Augmentation randomness comes from an explicit per-sample seed, never from global RNG
-state, so a run is reproducible and a resumed run (see :class:`DeterministicBatchSampler`)
+state, so a run is reproducible and a resumed run (see ``predet.data.samplers.DeterministicBatchSampler``)
 sees exactly the samples and augmentations it would have seen without the interruption.
 """
 
@@ -37,17 +37,17 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms.functional import pil_to_tensor
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
 from predet.data.images import open_rgb
+from predet.data.samplers import derive_seed
 from predet.errors import InputNotFound, OutputExists, UserError, disk_full, is_disk_full
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "DeterministicBatchSampler",
     "LabelFileError",
     "Vocabulary",
     "WeakLabelFolder",
@@ -55,7 +55,6 @@ __all__ = [
     "WeakShardDataset",
     "build_weak_dataset",
     "collate_weak",
-    "derive_seed",
     "expand_shards",
     "heldout_dataset",
     "read_labels_jsonl",
@@ -71,17 +70,6 @@ Transform = Callable[[Image.Image, int], dict]
 
 class LabelFileError(UserError):
     """A labels file (or shard sample) whose content does not fit the expected format."""
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed that depends only on ``parts``.
-
-    Hashing (rather than adding offsets to a base seed) keeps seeds of neighbouring
-    iterations, ranks and workers unrelated, and is stable across processes and Python
-    runs (unlike ``hash()``).
-    """
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 # --------------------------------------------------------------------------------------
@@ -754,68 +742,3 @@ def collate_weak(samples: Sequence[dict]) -> dict:
     damaged = [(s["path"], s["reason"], s["shards"]) for s in samples if s.get("skipped") and s.get("shards")]
     labels = torch.stack([s["labels"] for s in kept]) if kept else torch.zeros(0, 0)
     return {"samples": kept, "labels": labels, "skipped": skipped, "damaged_shards": damaged}
-
-
-class DeterministicBatchSampler(Sampler):
-    """Infinite batches of ``(index, sample_seed)``; iteration ``i`` depends only on (seed, i).
-
-    The global sample stream is the concatenation of permutations of ``range(num_samples)``,
-    one per epoch, each from (seed, epoch). Iteration ``i`` takes positions
-    ``[i*G, (i+1)*G)`` of that stream (``G = batch_size * world_size``) and this rank keeps
-    its ``batch_size`` slice. The sample seed hashes (seed, i, position in the global batch).
-    Because nothing depends on what was yielded before, ``start_iter=k`` resumes exactly.
-    Use as ``DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_weak)``.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        seed: int = 0,
-        start_iter: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if num_samples <= 0 or batch_size <= 0:
-            raise ValueError(f"need num_samples, batch_size > 0, got {num_samples}, {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        if start_iter < 0:
-            raise ValueError(f"start_iter must be >= 0, got {start_iter}")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.start_iter = start_iter
-        self.rank = rank
-        self.world_size = world_size
-        self._perms: dict[int, torch.Tensor] = {}
-        super().__init__()
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            while len(self._perms) >= 2:  # a batch spans at most two consecutive epochs
-                self._perms.pop(min(self._perms))
-            gen = torch.Generator().manual_seed(derive_seed("epoch", self.seed, epoch))
-            self._perms[epoch] = torch.randperm(self.num_samples, generator=gen)
-        return self._perms[epoch]
-
-    def _item(self, iteration: int, pos: int) -> tuple[int, int]:
-        epoch, offset = divmod(iteration * self.global_batch_size + pos, self.num_samples)
-        return int(self._perm(epoch)[offset]), derive_seed("sample", self.seed, iteration, pos)
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    def global_batch(self, iteration: int) -> list[tuple[int, int]]:
-        """The batch of all ranks together at ``iteration``."""
-        return [self._item(iteration, pos) for pos in range(self.global_batch_size)]
-
-    def batch(self, iteration: int) -> list[tuple[int, int]]:
-        """This rank's slice of the global batch at ``iteration``."""
-        start = self.rank * self.batch_size
-        return [self._item(iteration, pos) for pos in range(start, start + self.batch_size)]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for iteration in itertools.count(self.start_iter):
-            yield self.batch(iteration)

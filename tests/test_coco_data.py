@@ -1,10 +1,10 @@
-"""Target datasets: validation messages, mask decoding, box repair, flips, subsets, RFS."""
+"""COCO/LVIS data (predet.data.coco, predet.data.coco_json): validation messages, mask decoding,
+box repair, flips, subsets, repeat factors of a dataset."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +13,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from predet.detection.datasets import (
-    AnnotationError,
-    CocoDetection,
-    LVISDetection,
-    RepeatFactorBatchSampler,
-    build_detection_dataset,
-    collate_detection,
-    load_coco_json,
-    repeat_factors,
-    subset_path,
-    write_subset,
-)
+from predet.data.coco import CocoDetection, LVISDetection, build_detection_dataset, collate_detection
+from predet.data.coco_json import AnnotationError, load_coco_json, subset_path, write_subset
+from predet.data.samplers import repeat_factors
 
 W, H = 40, 30
 
@@ -258,41 +249,11 @@ def test_subset_is_deterministic_and_valid(tmp_path):
 # -- repeat factors --------------------------------------------------------------------
 
 
-def test_repeat_factors_formula():
-    # 10 images: category 1 in all of them, 2 in one, 3 in two; the last image is empty.
-    labels = [[1]] * 7 + [[1, 2], [1, 3, 3], [3]]
-    labels[6] = []
-    t = 0.5
-    r = repeat_factors(labels, threshold=t)
-    f = {1: 9 / 10, 2: 1 / 10, 3: 2 / 10}
-    rc = {c: max(1.0, math.sqrt(t / fc)) for c, fc in f.items()}
-    expected = [rc[1]] * 6 + [1.0, max(rc[1], rc[2]), max(rc[1], rc[3]), rc[3]]
-    assert r.tolist() == pytest.approx(expected, rel=1e-6)
-    assert rc[2] == pytest.approx(math.sqrt(5)) and rc[1] == 1.0
-
-
 def test_repeat_factors_of_dataset(tmp_path):
     ds = CocoDetection(make_coco(tmp_path), tmp_path)
     r = repeat_factors(ds, threshold=1.0)
     # categories 3 and 5 (labels 1, 2) in image 1; 7 in image 2: f = 1/3 each -> sqrt(3)
     assert r.tolist() == pytest.approx([math.sqrt(3), math.sqrt(3), 1.0], rel=1e-6)
-
-
-def test_rfs_sampler_resume_and_oversampling():
-    factors = torch.tensor([1.0] * 8 + [3.5, 1.5])
-    straight = RepeatFactorBatchSampler(factors, batch_size=3, seed=4)
-    it = iter(straight)
-    run = [next(it) for _ in range(40)]
-    resumed = iter(RepeatFactorBatchSampler(factors, batch_size=3, seed=4, start_iter=25))
-    assert [next(resumed) for _ in range(15)] == run[25:]
-    ranks = [RepeatFactorBatchSampler(factors, 3, seed=4, rank=k, world_size=2) for k in (0, 1)]
-    global_batch = ranks[0].global_batch(7)
-    assert ranks[0].batch(7) + ranks[1].batch(7) == global_batch
-    counts = Counter(index for batch in run for index, _ in batch)
-    assert counts[8] > 2.5 * max(counts[i] for i in range(8))
-    assert len({seed for batch in run for _, seed in batch}) == 120
-    other = iter(RepeatFactorBatchSampler(factors, batch_size=3, seed=5))
-    assert [next(other) for _ in range(5)] != run[:5]
 
 
 # -- LVIS ------------------------------------------------------------------------------
@@ -357,7 +318,7 @@ def test_bad_segmentations_are_refused_when_the_set_is_built(tmp_path, segmentat
 
 
 def test_valid_compressed_rle_passes_the_string_check():
-    from predet.detection.datasets import _compressed_rle_counts
+    from predet.data.coco_json import _compressed_rle_counts
 
     for mask in (rect_mask(2, 3, 9, 7), rect_mask(0, 0, W, H), np.zeros((H, W), np.uint8)):
         rle = compressed_rle(mask)
