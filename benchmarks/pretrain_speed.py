@@ -10,6 +10,7 @@ Prints one JSON object. Usage: python benchmarks/pretrain_speed.py [--quick] [--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import two_view_batch  # noqa: E402
 
 from predet.models.crpn import QueryConditionedRPN, per_query_conv_loop  # noqa: E402
-from predet.models.predet import ModelConfig, PreDet  # noqa: E402
+from predet.models.predet import ModelConfig, PreDet, crpn_target_sampler  # noqa: E402
 from predet.views import colour_views  # noqa: E402
 
 
@@ -106,9 +107,11 @@ def fasterrcnn_like(model_cfg: ModelConfig, predet: PreDet, size: int) -> Faster
 def step_ratio(model_cfg: ModelConfig, n: int, size: int, q: int, reps: int, device) -> dict:
     torch.manual_seed(0)
     batch = two_view_batch(n=n, size=size, q=q, num_classes=10)
-    if device.type == "cpu":  # as a CPU run's loader sends them: colour changes applied in its workers
+    if device.type == "cpu":  # as a CPU run's loader sends them: colour changes applied and the
+        # CRPN's anchor sample drawn in its workers (predet.pretrain.build_pretrain_loader)
         for view, colour in (("view1", "colour1"), ("view2", "colour2")):
             batch[view] = colour_views(batch[view], batch.pop(colour))
+        batch["crpn_pos"], batch["crpn_neg"] = crpn_target_sampler(model_cfg, size)(batch["b2"], range(n))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     predet = PreDet(10, model_cfg).to(device)
     frcnn = fasterrcnn_like(model_cfg, PreDet(10, model_cfg), size).to(device)
@@ -133,13 +136,17 @@ def step_ratio(model_cfg: ModelConfig, n: int, size: int, q: int, reps: int, dev
 
     with_tv = PreDet(10, model_cfg).to(device)  # the same step with torchvision's own RoIAlign
     with_tv.roi_align = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=model_cfg.roi_canonical_scale)
-    t_predet, t_floor, t_tv = best_times_interleaved(
+    # the same step with the heads multiplying in float32 (model.head_dtype's other value)
+    other_dtype = "float32" if model_cfg.head_dtype == "bfloat16" else "bfloat16"
+    other = PreDet(10, dataclasses.replace(model_cfg, head_dtype=other_dtype)).to(device)
+    t_predet, t_floor, t_tv, t_other = best_times_interleaved(
         [train_step(predet, lambda m: m(batch)), train_step(PreDet(10, model_cfg).to(device), floor_losses),
-         train_step(with_tv, lambda m: m(batch))], reps, device)
+         train_step(with_tv, lambda m: m(batch)), train_step(other, lambda m: m(batch))], reps, device)
     t_frcnn = best_time(train_step(frcnn, lambda m: m(images, targets)), reps, device)
     return {"predet_step_s": t_predet, "fasterrcnn_step_s": t_frcnn, "backbone_fpn_step_s": t_floor,
-            "predet_step_torchvision_roi_align_s": t_tv,
-            "ratio": t_predet / t_frcnn, "floor_ratio": t_predet / t_floor, "roi_align_ratio": t_tv / t_predet}
+            "predet_step_torchvision_roi_align_s": t_tv, f"predet_step_{other_dtype}_heads_s": t_other,
+            "ratio": t_predet / t_frcnn, "floor_ratio": t_predet / t_floor, "roi_align_ratio": t_tv / t_predet,
+            "other_heads_floor_ratio": t_other / t_floor}
 
 
 def main(argv=None) -> dict:
@@ -176,6 +183,9 @@ def main(argv=None) -> dict:
     result["predet_step_over_backbone_fpn_step"] = round(step["floor_ratio"], 3)
     # > 1: the sparse-matrix RoIAlign (predet.models.roi_pool) makes the whole step that much faster
     result["step_speedup_sparse_roi_align"] = round(step["roi_align_ratio"], 3)
+    result["head_dtype"] = cfg.model.head_dtype
+    other = "float32" if cfg.model.head_dtype == "bfloat16" else "bfloat16"
+    result[f"predet_step_{other}_heads_over_backbone_fpn_step"] = round(step["other_heads_floor_ratio"], 3)
     result["step_seconds"] = {k: round(v, 4) for k, v in step.items() if not k.endswith("ratio")}
     print(json.dumps(result, indent=2))
     return result

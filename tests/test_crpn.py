@@ -173,3 +173,69 @@ def test_ranked_nms_stopped_early_keeps_each_rows_first_boxes(max_keep):
     first = full & (full.cumsum(1) <= max_keep)
     assert torch.equal(early & (early.cumsum(1) <= max_keep), first)
     assert not (early & ~full).any()
+
+
+@pytest.mark.parametrize("size", [64, 65, 96, 801])
+def test_the_loaders_anchors_are_the_models(size):
+    # the CRPN sample drawn in the loader indexes the model's anchors: they must be the same boxes
+    from predet.models.predet import crpn_target_sampler
+
+    model = tiny_model(anchor_sizes=[16, 32, 64, 128, 256]).eval()
+    view = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        _, fpn = model.features(view)
+    assert torch.equal(crpn_target_sampler(model.cfg, size).anchors(), model.anchors(view, fpn))
+
+
+def test_a_loader_drawn_crpn_sample_trains_as_one_drawn_in_the_model():
+    """The same anchor sample, drawn in the model or handed over by the loader, gives the same
+    losses; the loader's draw depends only on the samples' seeds; a sample for other anchors is
+    refused."""
+    from predet.models.crpn import CRPNTargetSampler
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    batch = two_view_batch(n=2, size=64, q=4)
+    _, fpn = model.features(batch["view1"], batch["view2"])
+    fpn1, fpn2 = model.split_views(fpn, 2)
+    z = model.embed_boxes(fpn1, batch["b1"], (64, 64))
+    trunk, dw, db, scores = model.query_scores(fpn2, z, 2)
+    anchors = model.anchors(batch["view2"], fpn2)
+    loss = model.crpn_loss
+    torch.manual_seed(5)
+    in_model = loss(model.crpn, trunk, scores, dw, db, anchors, batch["b2"])
+    torch.manual_seed(5)  # the same draw, made outside
+    sample = sample_anchors(anchor_labels(anchors, batch["b2"].reshape(-1, 4), loss.fg_iou, loss.bg_iou),
+                            loss.per_query, loss.pos_fraction)
+    handed = loss(model.crpn, trunk, scores, dw, db, anchors, batch["b2"], sample)
+    for key in in_model:
+        torch.testing.assert_close(handed[key], in_model[key], rtol=0, atol=0)
+
+    sampler = CRPNTargetSampler(64, model.cfg.anchor_sizes, model.cfg.aspect_ratios, loss.fg_iou, loss.bg_iou,
+                                loss.per_query, loss.pos_fraction)
+    pos, neg = sampler(batch["b2"], [11, 12])
+    again_pos, again_neg = sampler(batch["b2"], [11, 12])
+    _, other_neg = sampler(batch["b2"], [11, 13])  # (positives are few: all are taken whatever the seed)
+    assert torch.equal(pos, again_pos) and torch.equal(neg, again_neg) and not torch.equal(neg, other_neg)
+    labels = anchor_labels(anchors, batch["b2"].reshape(-1, 4), loss.fg_iou, loss.bg_iou)
+    assert not (pos & (labels != 1)).any() and not (neg & (labels != 0)).any()
+    assert ((pos | neg).sum(1) == loss.per_query).all()
+    with pytest.raises(ValueError, match="anchors differ"):
+        loss(model.crpn, trunk, scores, dw, db, anchors, batch["b2"], (pos[:, :-3], neg[:, :-3]))
+
+
+def test_the_cpu_loader_sends_the_crpn_sample_and_the_gpu_one_does_not(fashiondet_tiny, tmp_path):
+    from helpers import tiny_pretrain_config
+    from predet.data.weak import build_weak_dataset
+    from predet.pretrain import build_pretrain_loader
+    from predet.views import TwoViewTransform
+
+    cfg = tiny_pretrain_config(fashiondet_tiny / "weak", tmp_path, 2)
+    dataset, _ = build_weak_dataset(cfg.data.train, None, TwoViewTransform(cfg.data.views), 0)
+    batch = next(iter(build_pretrain_loader(dataset, cfg, 0, 0, 1)))
+    total = len(tiny_model(**{"anchor_sizes": cfg.model.anchor_sizes}).anchors(
+        batch["view2"], {k: torch.zeros(1, 1, s, s) for k, s in zip("01234", (16, 8, 4, 2, 1))}))
+    n, q = batch["b2"].shape[:2]
+    assert batch["crpn_pos"].shape == batch["crpn_neg"].shape == (n * q, total)
+    again = next(iter(build_pretrain_loader(dataset, cfg, 0, 0, 1)))  # deterministic in the iteration
+    assert torch.equal(batch["crpn_pos"], again["crpn_pos"])

@@ -184,3 +184,53 @@ def test_bf16_finetuning_trains_and_evaluates(fashiondet_tiny, tmp_path):
     assert gap < 0.05, curves
     saved = json.loads((tmp_path / "bf16" / "results.json").read_text())
     assert saved["solver"]["amp"] == "bf16" and saved["val"]["bbox/AP"] >= 0  # evaluated in float32
+
+
+def test_bfloat16_heads_multiply_in_bf16_and_keep_float32_parameters_and_outputs():
+    """model.head_dtype=bfloat16: the box head and the CRPN trunk round their products' inputs to
+    bf16 (the float32 run's numbers to bf16 precision), everything else is the float32 model:
+    the same state dict, float32 outputs, and the same numbers under autocast."""
+    from predet.models.precision import Bfloat16Conv2d, Bfloat16Linear
+
+    torch.manual_seed(0)
+    exact = tiny_model()
+    fast = tiny_model(head_dtype="bfloat16")
+    fast.load_state_dict(exact.state_dict())
+    assert exact.state_dict().keys() == fast.state_dict().keys()  # transfer and export see the same model
+    assert isinstance(fast.box_head.fc6, Bfloat16Linear) and isinstance(fast.box_head.fc7, Bfloat16Linear)
+    assert isinstance(fast.crpn.trunk[0][0], Bfloat16Conv2d)
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+
+    pooled = torch.randn(6, 7, 7, 32).permute(0, 3, 1, 2)  # the CPU pooler's channels-last layout
+    maps = [torch.randn(2, 32, s, s) for s in (16, 8)]
+    with torch.no_grad():
+        for layout in (pooled, pooled.contiguous()):  # the channels-last path and the plain one
+            a, b = exact.box_head(layout), fast.box_head(layout)
+            assert b.dtype == torch.float32 and not torch.equal(a, b)  # really rounded ...
+            torch.testing.assert_close(b, a, rtol=0.02, atol=0.02 * float(a.abs().max()))  # ... to bf16's precision
+        a, b = exact.crpn.trunk_features(maps), fast.crpn.trunk_features(maps)
+        assert b.dtype == torch.float32 and not torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=0.02, atol=0.02 * float(a.abs().max()))
+        with torch.autocast(**BF16):  # under autocast, autocast decides: the same numbers as the plain model
+            assert torch.equal(exact.box_head(pooled), fast.box_head(pooled))
+            assert torch.equal(exact.crpn.trunk_features(maps), fast.crpn.trunk_features(maps))
+
+
+def test_bfloat16_heads_give_float32_s_gradients_to_bf16_precision():
+    torch.manual_seed(0)
+    exact = tiny_model()
+    fast = tiny_model(head_dtype="bfloat16")
+    fast.load_state_dict(exact.state_dict())
+    batch = two_view_batch(n=2, size=64, q=4)
+    grads = {}
+    for name, model in (("exact", exact), ("fast", fast)):
+        torch.manual_seed(1)  # the same RoI sampling draws
+        out = model(batch)
+        model.zero_grad()
+        sum(v for k, v in out.items() if k.startswith("loss")).backward()
+        grads[name] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert grads["exact"].keys() == grads["fast"].keys()
+    for key in ("box_head.fc6.weight", "crpn.trunk.0.0.weight", "backbone.body.layer1.0.conv1.weight"):
+        a, b = grads["exact"][key], grads["fast"][key]
+        cosine = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+        assert cosine > 0.98, (key, cosine)

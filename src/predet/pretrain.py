@@ -25,7 +25,8 @@ from predet.engine.optim import check_solver
 from predet.engine.preemption import ignore_stop_signals
 from predet.engine.runfolder import check_writable, run_folder
 from predet.engine.trainer import TrainResult, check_train_config, train
-from predet.models.predet import LossConfig, ModelConfig, PreDet
+from predet.models.crpn import CRPNTargetSampler
+from predet.models.predet import LossConfig, ModelConfig, PreDet, crpn_target_sampler
 from predet.pretext import PretextDiagnosticsHook
 from predet.runlog import run_log
 from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, colour_views, decorrelated_colours, stack_images
@@ -60,13 +61,15 @@ def load_pretrain_config(path=None, overrides=()) -> PretrainConfig:
     return load_config(PretrainConfig, path, overrides)
 
 
-def collate_two_view(samples: list[dict], colour_in_loader: bool = False) -> dict:
+def collate_two_view(samples: list[dict], colour_in_loader: bool = False,
+                     crpn_sampler: CRPNTargetSampler | None = None) -> dict:
     """Stack the two-view samples that decoded; skipped images travel along for counting.
 
     ``colour_in_loader``: apply the views' colour changes here, in the loader worker, and send
-    float views. For CPU training: the workers share the step's cores but run beside it, so the
-    jitter (5 % of a CPU recipe step in the main process) is hidden there; on a GPU it belongs on
-    the device (uint8 views, :func:`predet.views.colour_views` in the model)."""
+    float views. ``crpn_sampler``: draw the CRPN's anchor sample here too (``crpn_pos``,
+    ``crpn_neg``). For CPU training: the workers share the step's cores but run beside it, so
+    this work (5 % and 2 % of a CPU recipe step in the main process) is hidden there; on a GPU
+    it belongs on the device (uint8 views, :func:`predet.views.colour_views` in the model)."""
     batch = collate_weak(samples)
     kept = batch["samples"]
     out = {"skipped": batch["skipped"], "damaged_shards": batch["damaged_shards"], "num_images": len(kept),
@@ -79,6 +82,8 @@ def collate_two_view(samples: list[dict], colour_in_loader: bool = False) -> dic
         if colour_in_loader:
             for view, colour in (("view1", "colour1"), ("view2", "colour2")):
                 out[view] = colour_views(out[view], out.pop(colour))
+        if crpn_sampler is not None:
+            out["crpn_pos"], out["crpn_neg"] = crpn_sampler(out["b2"], [s["seed"] for s in kept])
     return out
 
 
@@ -119,7 +124,10 @@ def build_pretrain_loader(dataset, cfg: PretrainConfig, start_iter: int, rank: i
     """A loader that resumes exactly: batch ``i`` depends only on (seed, i)."""
     on_gpu = resolve_device(cfg.train.device).type == "cuda"
     pin = on_gpu  # pinned pages: async copies to the GPU
-    collate = functools.partial(collate_two_view, colour_in_loader=not on_gpu)
+    # a CPU run hides colour jitter and the CRPN's anchor sample in its loader workers; a GPU
+    # run does both on the device, where they cost next to nothing and the loader's cores are scarce
+    sampler = crpn_target_sampler(cfg.model, cfg.data.views.size) if cfg.loss.lambda_rpn > 0 and not on_gpu else None
+    collate = functools.partial(collate_two_view, colour_in_loader=not on_gpu, crpn_sampler=sampler)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         if hasattr(dataset, "resumed_at"):
             dataset = dataset.resumed_at(start_iter, cfg.train.batch_size)

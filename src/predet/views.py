@@ -232,6 +232,7 @@ def make_two_views(image: Image.Image, seed: int, cfg: ViewConfig) -> dict:
         "queries_src": queries,
         "transform1": t1.as_tensor(),
         "transform2": t2.as_tensor(),
+        "seed": seed,  # what the loader draws from for this sample's CRPN anchor sample (CPU runs)
     }
 
 

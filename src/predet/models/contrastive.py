@@ -39,7 +39,8 @@ def sample_query_rois(proposals, valid, targets, per_query=16, pos_fraction=0.5,
     pos[:, k] = False  # the target itself is added below, outside the random draw
     num_pos = pos.sum(1).clamp(max=max(int(per_query * pos_fraction) - 1, 0))
     num_neg = torch.minimum(neg.sum(1), per_query - 1 - num_pos)
-    chosen = sample_by_rank(pos, num_pos, per_query) | sample_by_rank(neg, num_neg, per_query)
+    keys = torch.rand(pos.shape, device=pos.device)  # one draw: positives and negatives are disjoint
+    chosen = sample_by_rank(pos, num_pos, per_query, keys) | sample_by_rank(neg, num_neg, per_query, keys)
     chosen[:, k] = True
     rows, cols = chosen.nonzero(as_tuple=True)
     return cands[rows, cols], rows // q

@@ -89,7 +89,10 @@ class QueryConditionedRPN(nn.Module):
         n, q, k = anchor.shape
         a, c = self.num_anchors, trunk.shape[1]
         pos, shape = anchor // a, anchor % a
-        feats = trunk.transpose(1, 2)[torch.arange(n, device=trunk.device).view(n, 1, 1), pos]  # (N, Q, K, C)
+        # positions as rows first: gathering rows of a contiguous (N, L, C) copy is several times
+        # faster than gathering strided columns of (N, C, L)
+        rows = trunk.transpose(1, 2).contiguous()
+        feats = rows[torch.arange(n, device=trunk.device).view(n, 1, 1), pos]  # (N, Q, K, C)
         with autocast_off(trunk):
             out = torch.matmul(wide(feats), wide(weight).transpose(2, 3))  # (N, Q, K, 4A)
             out = out.view(n, q, k, a, 4) + wide(bias).view(n, q, 1, a, 4)
@@ -118,9 +121,14 @@ def per_query_conv_loop(trunks, score_w, score_b, delta_w, delta_b):
     return torch.stack(scores).view(n, q, -1), torch.stack(deltas).view(n, q, -1, 4)
 
 
-def sample_by_rank(eligible: torch.Tensor, counts: torch.Tensor, k_max: int) -> torch.Tensor:
-    """Per row, a uniformly random subset of ``counts[row]`` eligible columns (as a mask)."""
-    keys = torch.rand(eligible.shape, device=eligible.device).masked_fill_(~eligible, -1.0)
+def sample_by_rank(eligible: torch.Tensor, counts: torch.Tensor, k_max: int,
+                   keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, a uniformly random subset of ``counts[row]`` eligible columns (as a mask).
+
+    ``keys``: the uniform random keys to rank by (drawn here when None). Samples from
+    disjoint eligible sets may share one draw: their keys are still independent."""
+    keys = torch.rand(eligible.shape, device=eligible.device) if keys is None else keys
+    keys = keys.masked_fill(~eligible, -1.0)
     k_max = min(k_max, eligible.shape[1])
     values, index = keys.topk(k_max, dim=1)
     take = (values >= 0) & (torch.arange(k_max, device=eligible.device) < counts[:, None])
@@ -140,14 +148,67 @@ def anchor_labels(anchors: torch.Tensor, targets: torch.Tensor, fg_iou: float, b
     return labels
 
 
-def sample_anchors(labels: torch.Tensor, per_query: int, pos_fraction: float):
+def sample_anchors(labels: torch.Tensor, per_query: int, pos_fraction: float,
+                   generator: torch.Generator | None = None):
     """Balanced anchor sample per row: masks of sampled positives and negatives."""
     pos, neg = labels == 1, labels == 0
     max_pos = int(per_query * pos_fraction)
     num_pos = pos.sum(1).clamp(max=max_pos)
     num_neg = torch.minimum(neg.sum(1), per_query - num_pos)
-    # no row takes more than max_pos positives: ranking only that many is the same sample
-    return sample_by_rank(pos, num_pos, max_pos), sample_by_rank(neg, num_neg, per_query)
+    # no row takes more than max_pos positives: ranking only that many is the same sample;
+    # positives and negatives are disjoint, so one draw of keys serves both
+    keys = torch.rand(labels.shape, device=labels.device, generator=generator)
+    return sample_by_rank(pos, num_pos, max_pos, keys), sample_by_rank(neg, num_neg, per_query, keys)
+
+
+def fpn_grid_sizes(size: tuple[int, int], levels: int = 5) -> list[tuple[int, int]]:
+    """The (H, W) of P2..P6 for an image of ``size``: a stride-2 stage (3x3 conv or pool with
+    padding 1, P6's 1x1 pool) maps n to ceil(n / 2); P2 is two of them below the stem's."""
+    h, w = size
+    grid = []
+    for level in range(levels + 1):
+        h, w = -(-h // 2), -(-w // 2)
+        if level >= 1:
+            grid.append((h, w))
+    return grid
+
+
+class CRPNTargetSampler:
+    """The CRPN's anchor sample for a batch (which anchors of each query are trained as
+    positives and negatives), drawn in the loader: it depends on the query boxes and the
+    anchors only, never on the network, so a CPU run computes it in its loader workers, beside
+    the step (9 ms of a 2-thread step at the CPU recipe's batch). Deterministic in the batch's
+    sample seeds, so a resumed run draws what the uninterrupted one did. Picklable."""
+
+    def __init__(self, view_size: int, anchor_sizes, aspect_ratios, fg_iou: float, bg_iou: float,
+                 per_query: int, pos_fraction: float):
+        self.view_size = int(view_size)
+        self.anchor_sizes, self.aspect_ratios = list(anchor_sizes), list(aspect_ratios)
+        self.fg_iou, self.bg_iou = fg_iou, bg_iou
+        self.per_query, self.pos_fraction = per_query, pos_fraction
+        self._anchors = None
+
+    def anchors(self) -> torch.Tensor:
+        """The model's anchors for a view (:meth:`predet.models.predet.PreDet.anchors`)."""
+        if self._anchors is None:
+            from torchvision.models.detection.image_list import ImageList
+
+            from predet.models.precision import Float32AnchorGenerator
+
+            generator = Float32AnchorGenerator(tuple((s,) for s in self.anchor_sizes),
+                                               (tuple(self.aspect_ratios),) * len(self.anchor_sizes))
+            size = (self.view_size, self.view_size)
+            maps = [torch.empty(1, 0, *hw) for hw in fpn_grid_sizes(size, len(self.anchor_sizes))]
+            self._anchors = generator(ImageList(torch.empty(1, 3, *size), [size]), maps)[0]
+        return self._anchors
+
+    def __call__(self, b2: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """``b2`` (N, Q, 4) and the N samples' seeds -> positive and negative masks (N*Q, anchors)."""
+        from predet.data.samplers import derive_seed
+
+        labels = anchor_labels(self.anchors(), b2.reshape(-1, 4), self.fg_iou, self.bg_iou)
+        generator = torch.Generator().manual_seed(derive_seed("crpn sample", *[int(s) for s in seeds]))
+        return sample_anchors(labels, self.per_query, self.pos_fraction, generator)
 
 
 class CRPNLoss(nn.Module):
@@ -159,13 +220,20 @@ class CRPNLoss(nn.Module):
         self.per_query, self.pos_fraction = per_query, pos_fraction
         self.box_coder = Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
-    def forward(self, crpn, trunk, scores, delta_w, delta_b, anchors, targets):
+    def forward(self, crpn, trunk, scores, delta_w, delta_b, anchors, targets, sample=None):
+        """``sample``: the (positive, negative) anchor masks the loader drew
+        (:class:`CRPNTargetSampler`), or None to draw them here."""
         n, q, total = scores.shape
-        labels = anchor_labels(anchors, targets.reshape(-1, 4), self.fg_iou, self.bg_iou)
-        pos, neg = sample_anchors(labels, self.per_query, self.pos_fraction)
+        if sample is None:
+            labels = anchor_labels(anchors, targets.reshape(-1, 4), self.fg_iou, self.bg_iou)
+            sample = sample_anchors(labels, self.per_query, self.pos_fraction)
+        pos, neg = sample
+        if pos.shape != (n * q, total):
+            raise ValueError(f"the loader's CRPN sample covers {tuple(pos.shape)} (query, anchor) pairs, "
+                             f"the model has {(n * q, total)}: its anchors differ from the model's")
         sampled = pos | neg
         flat_scores = scores.reshape(n * q, total)
-        loss_score = F.binary_cross_entropy_with_logits(flat_scores[sampled], labels[sampled])
+        loss_score = F.binary_cross_entropy_with_logits(flat_scores[sampled], pos[sampled].to(flat_scores.dtype))
         row, anchor = pos.nonzero(as_tuple=True)
         img, query = row // q, row % q
         deltas = crpn.gather_deltas(trunk, delta_w, delta_b, img, query, anchor)

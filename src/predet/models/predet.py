@@ -16,8 +16,8 @@ from torchvision.models.detection.image_list import ImageList
 from predet.config import FRACTION, NON_NEGATIVE, POSITIVE, above, checked, each, one_of
 from predet.models.backbone import BACKBONES, NORMS, build_backbone
 from predet.models.contrastive import ContrastiveRoIHead, sample_query_rois
-from predet.models.crpn import CRPNLoss, QueryConditionedRPN, query_proposals
-from predet.models.precision import Float32AnchorGenerator
+from predet.models.crpn import CRPNLoss, CRPNTargetSampler, QueryConditionedRPN, query_proposals
+from predet.models.precision import Float32AnchorGenerator, compute_in_bfloat16
 from predet.models.roi_pool import BoxHead, SparseMultiScaleRoIAlign
 from predet.models.weak_head import WeakLabelHead, weak_label_loss
 from predet.views import as_float_images, colour_views
@@ -31,7 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
          crpn_fg_iou=FRACTION, crpn_bg_iou=FRACTION, crpn_anchors_per_query=above(0), crpn_pos_fraction=FRACTION,
          crpn_init_std=NON_NEGATIVE, pre_nms_top_n=above(0), nms_thresh=FRACTION, post_nms_top_n=above(0),
          rois_per_query=above(0), roi_canonical_scale=above(0), roi_pos_fraction=FRACTION, roi_pos_iou=FRACTION,
-         proj_dim=above(0), temperature=POSITIVE)
+         proj_dim=above(0), temperature=POSITIVE, head_dtype=one_of("float32", "bfloat16"))
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"
@@ -60,6 +60,14 @@ class ModelConfig:
     # Run the backbone on each view separately, so batch norm's statistics are per view: one
     # shared BN batch lets the contrastive task match views through batch statistics.
     per_view_bn: bool = False
+    # "bfloat16": the pretext heads' layers (box head FCs, CRPN trunk and weight generators,
+    # contrastive projection) multiply in bf16 when the run is float32 (no autocast), with
+    # float32 parameters, accumulation and outputs, as GPU autocast runs them; the geometry
+    # (dynamic 1x1 conv, deltas, IoU, similarities) stays float32. On a CPU with AVX512-BF16 or
+    # AMX those products are 4-6x faster, and they are most of what the pretext heads add to a
+    # CPU step (README "Benchmarks"). A recipe change, measured to learn the same held-out
+    # signals (benchmarks/results/fashiondet/README.md); on a CPU without bf16 units it is slower.
+    head_dtype: str = "float32"
 
 
 @checked(lambda_cls=NON_NEGATIVE, lambda_rpn=NON_NEGATIVE, lambda_roi=NON_NEGATIVE, cls_loss=one_of("softmax", "bce"))
@@ -70,6 +78,12 @@ class LossConfig:
     lambda_roi: float = 1.0
     cls_loss: str = "softmax"  # "softmax" (normalised multi-hot) or "bce"
     cls_head_norm: bool = False  # BN (no affine) on the pooled features before the linear layer
+
+
+def crpn_target_sampler(model: ModelConfig, view_size: int) -> CRPNTargetSampler:
+    """What a loader needs to draw this model's CRPN anchor sample (CPU runs: pretrain.py)."""
+    return CRPNTargetSampler(view_size, model.anchor_sizes, model.aspect_ratios, model.crpn_fg_iou,
+                             model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction)
 
 
 class PreDet(nn.Module):
@@ -92,6 +106,11 @@ class PreDet(nn.Module):
             model.crpn_fg_iou, model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction
         )
         self.roi_head = ContrastiveRoIHead(model.box_head_dim, model.proj_dim, model.temperature, model.roi_pos_iou)
+        if model.head_dtype == "bfloat16":  # what GPU autocast does with these layers
+            compute_in_bfloat16(self.box_head.fc6, self.box_head.fc7, self.crpn.trunk[0][0],
+                                *self.crpn.score_generator[::2], *self.crpn.delta_generator[::2],
+                                *self.roi_head.projection[::2])
+        self._anchor_cache: dict = {}
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -124,8 +143,11 @@ class PreDet(nn.Module):
         """Anchors of one view (all views of a batch share a size): (L*A, 4), float32 whatever
         the maps' dtype (models/precision.py)."""
         size = tuple(images.shape[-2:])
-        image_list = ImageList(images[:1], [size])
-        return self.anchor_generator(image_list, list(fpn.values()))[0]
+        key = (size, tuple(tuple(f.shape[-2:]) for f in fpn.values()), images.device)
+        if key not in self._anchor_cache:  # they depend on the sizes only: one view size, one set
+            image_list = ImageList(images[:1], [size])
+            self._anchor_cache = {key: self.anchor_generator(image_list, list(fpn.values()))[0]}
+        return self._anchor_cache[key]
 
     def embed_boxes(self, fpn: dict, boxes: torch.Tensor, size) -> torch.Tensor:
         """Box-head features of (N, K, 4) boxes, flattened to (N*K, D)."""
@@ -168,7 +190,8 @@ class PreDet(nn.Module):
             trunk, dw, db, scores = self.query_scores(fpn2, z, n)
             anchors = self.anchors(view2, fpn2)
             if lam.lambda_rpn > 0:
-                losses = self.crpn_loss(self.crpn, trunk, scores, dw, db, anchors, b2)
+                sample = (batch["crpn_pos"], batch["crpn_neg"]) if "crpn_pos" in batch else None
+                losses = self.crpn_loss(self.crpn, trunk, scores, dw, db, anchors, b2, sample)
                 out.update({k: lam.lambda_rpn * v for k, v in losses.items()})
         if lam.lambda_roi > 0:
             m = self.cfg

@@ -22,6 +22,8 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
+from predet.models.precision import Bfloat16Linear
+
 
 def _sample_weights(start: Tensor, length: Tensor, size: Tensor, bins: int, ratio: int):
     """Per RoI, the two neighbours and their weights along one axis for every sample point:
@@ -192,5 +194,12 @@ class BoxHead(TwoMLPHead):
         if pooled.is_contiguous() or not cells_last.is_contiguous():
             return super().forward(pooled)
         fc6 = self.fc6
-        weight = fc6.weight.view(fc6.out_features, c, h, w).permute(0, 2, 3, 1).reshape(fc6.out_features, -1)
-        return F.relu(self.fc7(F.relu(F.linear(cells_last.reshape(r, -1), weight, fc6.bias))))
+        weight = fc6.weight.view(fc6.out_features, c, h, w).permute(0, 2, 3, 1)
+        x = cells_last.reshape(r, -1)
+        if isinstance(fc6, Bfloat16Linear) and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            # permuted and rounded in one copy
+            weight = weight.to(torch.bfloat16, memory_format=torch.contiguous_format).view(fc6.out_features, -1)
+            x = F.linear(x.to(torch.bfloat16), weight).to(x.dtype) + fc6.bias
+        else:
+            x = F.linear(x, weight.reshape(fc6.out_features, -1), fc6.bias)
+        return F.relu(self.fc7(F.relu(x)))
