@@ -239,3 +239,40 @@ def test_the_cpu_loader_sends_the_crpn_sample_and_the_gpu_one_does_not(fashionde
     assert batch["crpn_pos"].shape == batch["crpn_neg"].shape == (n * q, total)
     again = next(iter(build_pretrain_loader(dataset, cfg, 0, 0, 1)))  # deterministic in the iteration
     assert torch.equal(batch["crpn_pos"], again["crpn_pos"])
+
+
+def test_iou_aware_scores_aim_positive_anchors_at_their_regressed_boxes_iou():
+    """crpn_iou_aware: a positive anchor's score target is the IoU of its regressed box with the
+    query's box (in [0, 1], below 1 unless the box lands exactly), negatives' stays 0, and the
+    regression loss is unchanged."""
+    torch.manual_seed(0)
+    model = tiny_model(crpn_fg_iou=0.5)
+    batch = two_view_batch(n=2, size=64, q=4)
+    _, fpn = model.features(batch["view1"], batch["view2"])
+    fpn1, fpn2 = model.split_views(fpn, 2)
+    z = model.embed_boxes(fpn1, batch["b1"], (64, 64))
+    trunk, dw, db, scores = model.query_scores(fpn2, z, 2)
+    anchors = model.anchors(batch["view2"], fpn2)
+    loss = model.crpn_loss
+    sample = sample_anchors(anchor_labels(anchors, batch["b2"].reshape(-1, 4), loss.fg_iou, loss.bg_iou),
+                            loss.per_query, loss.pos_fraction)
+    seen = {}
+    real = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def spy(logits, target, *args, **kwargs):
+        seen["target"] = target
+        return real(logits, target, *args, **kwargs)
+
+    plain = loss(model.crpn, trunk, scores, dw, db, anchors, batch["b2"], sample)
+    loss.iou_aware = True
+    torch.nn.functional.binary_cross_entropy_with_logits = spy
+    try:
+        aware = loss(model.crpn, trunk, scores, dw, db, anchors, batch["b2"], sample)
+    finally:
+        torch.nn.functional.binary_cross_entropy_with_logits = real
+    pos, neg = sample
+    target = seen["target"]
+    on_pos = pos[pos | neg]
+    assert (target[~on_pos] == 0).all() and (target[on_pos] > 0).all() and (target[on_pos] < 1).all()
+    torch.testing.assert_close(aware["loss_crpn_reg"], plain["loss_crpn_reg"])
+    assert not torch.equal(aware["loss_crpn_score"], plain["loss_crpn_score"])

@@ -305,6 +305,7 @@ def test_gpu_pretraining_configs_carry_the_recipe_that_learned(name):
     assert gpu.data.val and gpu.train.eval_period > 0 and 0 < gpu.data.val_pairs <= 512
     assert 0 < gpu.data.val_max_images <= 1024 and 0 < gpu.train.keep_checkpoints <= 5
     assert gpu.solver.amp == "bf16" and gpu.model.norm == "syncbn"
+    assert gpu.model.head_dtype == "float32"  # under autocast, autocast decides every layer's dtype
     if name.endswith("_pilot"):
         full = load_pretrain_config(name.removesuffix("_pilot"))
         assert gpu.solver.max_iters <= 2500 and gpu.solver.lr == full.solver.lr

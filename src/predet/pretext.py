@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from predet.engine.distributed import broadcast_from_main, gather_to_main
 from predet.engine.preemption import ignore_ctrl_c
 from predet.engine.distributed import move_to_device
-from predet.models.contrastive import pairwise_iou
+from predet.models.crpn import pairwise_iou
 
 logger = logging.getLogger(__name__)
 

@@ -12,17 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
-from predet.models.crpn import sample_by_rank
+from predet.models.crpn import pairwise_iou, sample_by_rank
 from predet.models.precision import Float32BoxCoder, Float32Linear, autocast_off, wide
-
-
-def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of matching rows of two (..., 4) xyxy tensors."""
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = lambda x: (x[..., 2] - x[..., 0]).clamp(min=0) * (x[..., 3] - x[..., 1]).clamp(min=0)
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-6)
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ class ModelConfig:
     crpn_anchors_per_query: int = 256
     crpn_pos_fraction: float = 0.5
     crpn_init_std: float = 0.001  # std of the weight generators' last layers
+    crpn_iou_aware: bool = False  # positive anchors' score target: their regressed box's IoU, not 1
     pre_nms_top_n: int = 64  # per query
     nms_thresh: float = 0.7
     post_nms_top_n: int = 16  # per query
@@ -103,7 +104,8 @@ class PreDet(nn.Module):
             model.fpn_channels, model.box_head_dim, len(model.aspect_ratios), model.crpn_hidden, model.crpn_init_std
         )
         self.crpn_loss = CRPNLoss(
-            model.crpn_fg_iou, model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction
+            model.crpn_fg_iou, model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction,
+            model.crpn_iou_aware,
         )
         self.roi_head = ContrastiveRoIHead(model.box_head_dim, model.proj_dim, model.temperature, model.roi_pos_iou)
         if model.head_dtype == "bfloat16":  # what GPU autocast does with these layers
