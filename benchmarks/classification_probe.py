@@ -28,9 +28,9 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import roi_align
 
-from predet.models.predet import IMAGENET_MEAN, IMAGENET_STD
-from predet.models.weak_head import weak_label_loss
-from predet.pretext import constant_predictor_map, mean_average_precision
+from predet.evaluation.pretext import constant_predictor_map, mean_average_precision
+from predet.modeling.predet.meta_arch import IMAGENET_MEAN, IMAGENET_STD
+from predet.modeling.predet.weak_head import weak_label_loss
 
 
 def load_canvases(weak: Path, labels_file: str, vocab: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

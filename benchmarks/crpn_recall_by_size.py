@@ -19,11 +19,17 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
+from predet.checkpoint.io import load_checkpoint
 from predet.config import from_dict
-from predet.engine.checkpoint import load_checkpoint
-from predet.pretext import pretext_predictions
-from predet.pretrain import PretrainConfig, build_pretrain_model, load_pretrain_config, read_vocab
-from predet.views import ViewConfig, make_two_views
+from predet.config.pretrain import ViewConfig
+from predet.data.views import make_two_views
+from predet.evaluation.pretext import pretext_predictions
+from predet.pretrain import (
+    PretrainConfig,
+    build_pretrain_model,
+    load_pretrain_config,
+    read_vocab,
+)
 
 SIDES = [(0, 12), (12, 20), (20, 32), (32, 64), (64, 10_000)]
 

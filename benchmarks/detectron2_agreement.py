@@ -59,9 +59,9 @@ def build_images(source: Path, out: Path, square: int, wide: int) -> list[Path]:
 
 
 def prepare(checkpoint: Path, images: Path, out: Path) -> None:
-    from predet.export import export_checkpoint
-    from predet.finetune import load_detector
-    from predet.predict import predict
+    from predet.checkpoint.export import export_checkpoint
+    from predet.evaluation.predict import predict
+    from predet.modeling.detectors import load_detector
 
     detector, _, _ = load_detector(checkpoint)
     square, largest = int(detector.transform.min_size[-1]), int(detector.transform.max_size)

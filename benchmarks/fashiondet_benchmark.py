@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from predet.data.fashiondet import build_fashiondet, is_current_build
-from predet.demo import BENCHMARK_FINETUNE_CUTS
 from predet.engine.metrics import read_metrics
 from predet.finetune import load_finetune_config
 from predet.pretrain import weight_change
-from predet.report import plot_pretext_curves, write_report
-from predet.sweep import parse_grid_args, run_command, sweep, thread_env
+from predet.tools.demo import BENCHMARK_FINETUNE_CUTS
+from predet.tools.report import plot_pretext_curves, write_report
+from predet.tools.sweep import parse_grid_args, run_command, sweep, thread_env
 
 PRETRAIN_CONFIG = "pretrain/fashiondet_r18_cpu"
 FINETUNE_CONFIG = "finetune/fashiondet_r18_cpu"

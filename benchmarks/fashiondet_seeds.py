@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -38,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashiondet_benchmark as ladder  # noqa: E402
 
 from predet.data.fashiondet import build_fashiondet, is_current_build  # noqa: E402
-from predet.report import save_figure  # noqa: E402
-from predet.sweep import seed_gap  # noqa: E402
+from predet.tools.report import save_figure  # noqa: E402
+from predet.tools.sweep import seed_gap  # noqa: E402
 
 FORMAT_VERSION = 1
 RESULTS = Path("benchmarks/results/fashiondet")
@@ -117,7 +116,7 @@ compare = seed_gap  # the ladder's rule: a wins when its mean is above b's by mo
 
 
 def val_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
-    from predet.report import read_evals
+    from predet.tools.report import read_evals
 
     return [(int(r["iteration"]), float(r[metric])) for r in read_evals(run_dir / "evals.jsonl")
             if r.get("split") == "val" and isinstance(r.get(metric), (int, float)) and r[metric] >= 0]

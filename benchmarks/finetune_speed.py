@@ -3,7 +3,7 @@
 The baseline is torchvision's references/detection loop training torchvision's detector: the
 shipped CPU fine-tuning config's model with torchvision's own RoIAlign modules and box head.
 Ours is predet's trainer on predet's detector: the same weights and numbers, pooled by
-predet's CPU RoIAlign (models/roi_pool.py). Same batch, same process, runs alternated, so
+predet's CPU RoIAlign (modeling/poolers.py). Same batch, same process, runs alternated, so
 machine noise cancels out. ``trainer_overhead`` is predet's trainer against the plain loop on
 predet's own detector: what logging, metrics and checks cost.
 Prints one JSON object. Usage: python benchmarks/finetune_speed.py [--quick] [--device cuda]
@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from predet.config import TrainConfig
-from predet.data.fashiondet import build_fashiondet
 from predet.data.coco import build_detection_dataset, collate_detection
-from predet.detection.evaluation import evaluate_dataset
-from predet.detection.models import build_detector, with_torchvision_poolers
+from predet.data.fashiondet import build_fashiondet
 from predet.engine.optim import build_optimizer
 from predet.engine.trainer import train
+from predet.evaluation.coco import evaluate_dataset
 from predet.finetune import load_finetune_config, resolve_solver
+from predet.modeling.detectors import build_detector, with_torchvision_poolers
 
 CONFIG = "finetune/fashiondet_r18_cpu"
 

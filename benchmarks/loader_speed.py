@@ -3,7 +3,7 @@
 A loader worker has one core and one thread. Per source image it decodes a JPEG and renders two
 views; the floor is that and nothing else (decode + two resized crops as uint8 tensors). The
 pipeline adds the crop and query sampling, flips, the colour-change draws and collation; the
-colour changes themselves run on the device (``predet.views.colour_views``), so they are timed
+colour changes themselves run on the device (``predet.data.views.colour_views``), so they are timed
 separately, on this CPU, as the cost they would have in a worker. Both are timed alternately in
 the same process, so machine noise cancels in the ratio (goal >= 0.8).
 
@@ -27,9 +27,10 @@ import skimage.data
 import torch
 from PIL import Image
 
-from predet.data.weak import Vocabulary, _decode_shard_sample
-from predet.pretrain import collate_two_view
-from predet.views import TwoViewTransform, ViewConfig, colour_views
+from predet.config.pretrain import ViewConfig
+from predet.data.shards import _decode_shard_sample
+from predet.data.views import TwoViewTransform, collate_two_view, colour_views
+from predet.data.weak import Vocabulary
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 

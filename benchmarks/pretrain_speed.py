@@ -25,9 +25,10 @@ from torchvision.ops import MultiScaleRoIAlign
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import two_view_batch  # noqa: E402
 
-from predet.models.crpn import QueryConditionedRPN, per_query_conv_loop  # noqa: E402
-from predet.models.predet import ModelConfig, PreDet, crpn_target_sampler  # noqa: E402
-from predet.views import colour_views  # noqa: E402
+from predet.config.pretrain import ModelConfig
+from predet.data.views import colour_views  # noqa: E402
+from predet.modeling.predet.crpn import QueryConditionedRPN, per_query_conv_loop  # noqa: E402
+from predet.modeling.predet.meta_arch import PreDet, crpn_target_sampler  # noqa: E402
 
 
 def sync(device):
@@ -181,7 +182,7 @@ def main(argv=None) -> dict:
     step = step_ratio(cfg.model, n, size, q, reps, device)
     result["predet_step_over_fasterrcnn_step"] = round(step["ratio"], 3)
     result["predet_step_over_backbone_fpn_step"] = round(step["floor_ratio"], 3)
-    # > 1: the sparse-matrix RoIAlign (predet.models.roi_pool) makes the whole step that much faster
+    # > 1: the sparse-matrix RoIAlign (predet.modeling.poolers) makes the whole step that much faster
     result["step_speedup_sparse_roi_align"] = round(step["roi_align_ratio"], 3)
     result["head_dtype"] = cfg.model.head_dtype
     other = "float32" if cfg.model.head_dtype == "bfloat16" else "bfloat16"

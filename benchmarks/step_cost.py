@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,9 +33,9 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import MultiScaleRoIAlign
 
+from predet.data.views import TwoViewTransform
+from predet.modeling.predet.meta_arch import PreDet
 from predet.pretrain import load_pretrain_config
-from predet.models.predet import PreDet
-from predet.views import TwoViewTransform
 
 NUM_TAGS = 1000
 PHOTOS = ("astronaut", "coffee")

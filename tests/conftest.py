@@ -20,6 +20,7 @@ def fashiondet_tiny(tmp_path_factory) -> Path:
 def pretrain_checkpoint(fashiondet_tiny, tmp_path_factory) -> Path:
     """A few iterations of tiny PreDet pre-training: a real checkpoint to fine-tune from."""
     from helpers import tiny_pretrain_config
+
     from predet.pretrain import pretrain
 
     run = tmp_path_factory.mktemp("pretrain_run")

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from predet.models.predet import LossConfig, ModelConfig, PreDet
-from predet.views import ViewConfig, make_two_views
+from predet.config.pretrain import LossConfig, ModelConfig, ViewConfig
+from predet.data.views import make_two_views
+from predet.modeling.predet.meta_arch import PreDet
 
 
 def tiny_model_config(**kw) -> ModelConfig:

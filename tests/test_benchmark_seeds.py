@@ -5,7 +5,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-
 from helpers import load_benchmarks
 
 

@@ -7,13 +7,17 @@ output folder left behind. A bug still raises (the console script prints its tra
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    CPU_FINETUNE_CONFIG,
+    CPU_PRETRAIN_CONFIG,
+    tiny_finetune_overrides,
+    tiny_pretrain_overrides,
+)
 
-from helpers import CPU_FINETUNE_CONFIG, CPU_PRETRAIN_CONFIG, tiny_finetune_overrides, tiny_pretrain_overrides
 from predet.cli import main as cli_main
 
 

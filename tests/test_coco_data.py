@@ -13,8 +13,18 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from predet.data.coco import CocoDetection, LVISDetection, build_detection_dataset, collate_detection
-from predet.data.coco_json import AnnotationError, load_coco_json, subset_path, write_subset
+from predet.data.coco import (
+    CocoDetection,
+    LVISDetection,
+    build_detection_dataset,
+    collate_detection,
+)
+from predet.data.coco_json import (
+    AnnotationError,
+    load_coco_json,
+    subset_path,
+    write_subset,
+)
 from predet.data.samplers import repeat_factors
 
 W, H = 40, 30

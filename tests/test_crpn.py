@@ -1,12 +1,17 @@
-import torch
-
-from helpers import tiny_model, two_view_batch
 import pytest
+import torch
+from helpers import tiny_model, two_view_batch
 from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
 
-from predet.models.crpn import (QueryConditionedRPN, anchor_labels, query_loop_reference, query_proposals, ranked_nms,
-                                sample_anchors)
-from predet.models.precision import Float32BoxCoder
+from predet.modeling.precision import Float32BoxCoder
+from predet.modeling.predet.crpn import (
+    QueryConditionedRPN,
+    anchor_labels,
+    query_loop_reference,
+    query_proposals,
+    ranked_nms,
+    sample_anchors,
+)
 
 
 def random_crpn(seed=0):
@@ -100,7 +105,7 @@ def test_anchor_sampling_is_balanced():
 def test_ranking_only_as_many_as_a_row_may_take_is_the_same_sample():
     # sample_anchors ranks at most per_query * pos_fraction positives: the same mask as
     # ranking per_query of them under the same random keys
-    from predet.models.crpn import sample_by_rank
+    from predet.modeling.predet.crpn import sample_by_rank
     g = torch.Generator().manual_seed(0)
     eligible = torch.rand(20, 300, generator=g) < 0.3
     counts = torch.randint(0, 40, (20,), generator=g).clamp(max=16)
@@ -178,7 +183,7 @@ def test_ranked_nms_stopped_early_keeps_each_rows_first_boxes(max_keep):
 @pytest.mark.parametrize("size", [64, 65, 96, 801])
 def test_the_loaders_anchors_are_the_models(size):
     # the CRPN sample drawn in the loader indexes the model's anchors: they must be the same boxes
-    from predet.models.predet import crpn_target_sampler
+    from predet.modeling.predet.meta_arch import crpn_target_sampler
 
     model = tiny_model(anchor_sizes=[16, 32, 64, 128, 256]).eval()
     view = torch.zeros(1, 3, size, size)
@@ -191,7 +196,7 @@ def test_a_loader_drawn_crpn_sample_trains_as_one_drawn_in_the_model():
     """The same anchor sample, drawn in the model or handed over by the loader, gives the same
     losses; the loader's draw depends only on the samples' seeds; a sample for other anchors is
     refused."""
-    from predet.models.crpn import CRPNTargetSampler
+    from predet.modeling.predet.crpn import CRPNTargetSampler
 
     torch.manual_seed(0)
     model = tiny_model()
@@ -226,9 +231,10 @@ def test_a_loader_drawn_crpn_sample_trains_as_one_drawn_in_the_model():
 
 def test_the_cpu_loader_sends_the_crpn_sample_and_the_gpu_one_does_not(fashiondet_tiny, tmp_path):
     from helpers import tiny_pretrain_config
-    from predet.data.weak import build_weak_dataset
+
+    from predet.data.build import build_weak_dataset
+    from predet.data.views import TwoViewTransform
     from predet.pretrain import build_pretrain_loader
-    from predet.views import TwoViewTransform
 
     cfg = tiny_pretrain_config(fashiondet_tiny / "weak", tmp_path, 2)
     dataset, _ = build_weak_dataset(cfg.data.train, None, TwoViewTransform(cfg.data.views), 0)

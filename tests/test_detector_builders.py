@@ -8,8 +8,9 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from predet.detection.models import (
-    DetectorConfig,
+from predet.config.finetune import DetectorConfig
+from predet.modeling.backbone import build_backbone
+from predet.modeling.detectors import (
     PredetFasterRCNN,
     PredetMaskRCNN,
     PredetRetinaNet,
@@ -18,8 +19,7 @@ from predet.detection.models import (
     construct,
     with_torchvision_poolers,
 )
-from predet.models.backbone import build_backbone
-from predet.models.roi_pool import SparseMultiScaleRoIAlign
+from predet.modeling.poolers import SparseMultiScaleRoIAlign
 
 TINY = dict(backbone="resnet18", fpn_channels=32, box_head_dim=64, mask_head_dim=16)
 ODD = dict(detections_per_image=300, score_thresh=0.123, min_size=96, max_size=160,

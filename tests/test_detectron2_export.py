@@ -12,8 +12,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from predet.detection.models import DetectorConfig, build_detector
-from predet.export import detectron2_config, detectron2_state_dict, write_detectron2_config
+from predet.checkpoint.export import (
+    detectron2_config,
+    detectron2_state_dict,
+    write_detectron2_config,
+)
+from predet.config.finetune import DetectorConfig
+from predet.modeling.detectors import build_detector
 
 K = 3
 TINY = dict(backbone="resnet18", fpn_channels=32, box_head_dim=64, mask_head_dim=16)

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from predet.checkpoint.export import detectron2_state_dict, export_detectron2
+from predet.checkpoint.transfer import TV_MEAN, TV_STD, init_layout, load_init_weights
 from predet.config import ConfigError
-from predet.detection.models import DetectorConfig, build_detector, stride_in_1x1
-from predet.detection.transfer import TV_MEAN, TV_STD, init_layout, load_init_weights
-from predet.export import detectron2_state_dict, export_detectron2
+from predet.config.finetune import DetectorConfig
 from predet.finetune import load_finetune_config, match_init_layout
+from predet.modeling.detectors import build_detector, stride_in_1x1
 
 R50 = dict(arch="faster_rcnn", backbone="resnet50", fpn_channels=32, box_head_dim=64)
 

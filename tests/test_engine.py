@@ -18,33 +18,24 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import CrashAt
 from torch import nn
 
-from predet.config import ConfigError, SolverConfig, TrainConfig
-from predet.engine import (
-    MetricsWriter,
-    ResumeError,
-    SmoothedValue,
-    build_lr_scheduler,
-    build_optimizer,
+from predet.checkpoint.io import (
     capture_rng_state,
-    cleanup,
-    format_eta,
     latest_checkpoint,
     load_checkpoint,
-    lr_at,
-    move_to_device,
-    param_groups,
-    read_metrics,
     restore_rng_state,
     save_checkpoint,
     save_safetensors_weights,
-    train,
+    write_last_checkpoint,
 )
-from predet.engine.checkpoint import write_last_checkpoint
-
-from helpers import CrashAt
-
+from predet.config import ConfigError, SolverConfig, TrainConfig
+from predet.engine.distributed import cleanup, move_to_device
+from predet.engine.metrics import MetricsWriter, SmoothedValue, format_eta, read_metrics
+from predet.engine.optim import build_lr_scheduler, build_optimizer, lr_at, param_groups
+from predet.engine.resume import ResumeError
+from predet.engine.trainer import train
 
 # ----------------------------------------------------------------------------- toy problem
 
@@ -393,13 +384,13 @@ def test_metrics_and_skipped_images(tmp_path):
 
 def test_step_unscales_before_clipping():
     """fp16 runs only on CUDA; a CPU GradScaler exercises the same unscale-then-clip order."""
-    from predet.engine.trainer import _train_step
+    from predet.engine.trainer import train_step
 
     def run(scaler):
         model = new_model(norm=False).eval()  # no dropout: both runs see the same function
         opt = build_optimizer(model, SolverConfig(lr=0.0, warmup_iters=0))
         sched = build_lr_scheduler(opt, SolverConfig(lr=0.0, warmup_iters=0))
-        _, _, norm = _train_step(model, make_batch(0), opt, sched, scaler, None, 1e-3, 0)
+        _, _, norm = train_step(model, make_batch(0), opt, sched, scaler, None, 1e-3, 0)
         clipped = torch.linalg.vector_norm(torch.stack(
             [p.grad.norm() for p in model.parameters() if p.grad is not None]))
         return float(norm), float(clipped)

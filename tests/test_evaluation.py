@@ -19,18 +19,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.functional import to_tensor
 
-from predet.detection.evaluation import (
+from predet.evaluation.coco import (
     COCO_KEYS,
     LVIS_KEYS,
-    draw_detections,
     evaluate_coco,
     evaluate_dataset,
     evaluate_lvis,
-    predictions_to_results,
-    run_inference,
-    visualize,
     write_results_json,
 )
+from predet.evaluation.inference import predictions_to_results, run_inference
+from predet.evaluation.visualize import draw_detections, visualize
 
 # pycocotools' mask.decode trips a NumPy 2 deprecation inside pycocotools itself (the fixtures
 # decode masks); the code under test does not.
@@ -414,7 +412,11 @@ def test_per_category_ap_is_cocoeval_on_that_category_alone(coco_data):
 
 
 def test_evaluation_has_per_category_rows_and_the_results_file(coco_data, lvis_data, tmp_path):
-    from predet.detection.evaluation import evaluate_dataset_full, format_per_category, write_coco_results
+    from predet.evaluation.coco import (
+        evaluate_dataset_full,
+        format_per_category,
+        write_coco_results,
+    )
 
     evaluation = evaluate_dataset_full(LookupModel(coco_data), coco_data, progress=False)
     assert [r["name"] for r in evaluation.per_category] == ["shirt", "shoe", "bag"]

@@ -15,7 +15,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from predet.data import fashion_mnist
-from predet.data.fashion_mnist import CLASSES, FashionMNISTNotFound, load_fashion_mnist, read_idx
+from predet.data.fashion_mnist import (
+    CLASSES,
+    FashionMNISTNotFound,
+    load_fashion_mnist,
+    read_idx,
+)
 from predet.data.fashiondet import (
     DET_SPLITS,
     SIZES,

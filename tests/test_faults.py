@@ -13,19 +13,17 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from predet.data.weak import write_webdataset_shards
-from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
-from predet.pretrain import pretrain
-
 from helpers import CrashAt, tiny_pretrain_config
+
+from predet.checkpoint.io import latest_checkpoint, load_checkpoint
+from predet.data.shards import write_webdataset_shards
+from predet.pretrain import pretrain
 
 ITERS, PERIOD = 4, 3  # resume from iteration 3: odd, so two loader workers swap streams
 
@@ -79,9 +77,9 @@ def _assert_same_batch(a: dict, b: dict, where: str) -> None:
 def test_shard_loader_resumed_at_k_yields_the_tail_of_the_full_stream(
         weak_set, shards, tmp_path, monkeypatch, workers, world):
     """Batch i of a loader resumed at k is batch i of the uninterrupted loader, per rank."""
-    from predet.data.weak import build_weak_dataset
+    from predet.data.build import build_weak_dataset
+    from predet.data.views import TwoViewTransform
     from predet.pretrain import build_pretrain_loader
-    from predet.views import TwoViewTransform
 
     cfg = shard_config(weak_set, shards, tmp_path, **{"train.num_workers": workers,
                                                        "data.views.size": 32})
@@ -175,7 +173,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_engine import make_loader, new_model, solver_cfg, train_cfg
-from predet.engine import train
+from predet.engine.trainer import train
 
 real_save = torch.save
 
@@ -196,7 +194,7 @@ train(new_model(), make_loader, solver_cfg(), train_cfg(Path({tmp!r}), "crashed"
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tmp_path):
     from test_engine import make_loader, new_model, solver_cfg, train_cfg
 
-    from predet.engine import train
+    from predet.engine.trainer import train
 
     straight = new_model()
     train(straight, make_loader, solver_cfg(), train_cfg(tmp_path, "straight", checkpoint_period=5))
@@ -226,7 +224,7 @@ def _toy_straight_and_crashed(tmp_path):
     """A 30-iteration toy run, and the same run crashed after its checkpoint at 25."""
     from test_engine import make_loader, new_model
 
-    from predet.engine import train
+    from predet.engine.trainer import train
 
     solver, cfg = _toy_run(tmp_path, "straight")
     straight = new_model()
@@ -240,7 +238,7 @@ def _toy_straight_and_crashed(tmp_path):
 def _resume_toy(solver, cfg):
     from test_engine import make_loader, new_model
 
-    from predet.engine import train
+    from predet.engine.trainer import train
 
     model = new_model()
     result = train(model, make_loader, solver, replace(cfg, resume=True))
@@ -352,10 +350,10 @@ def test_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
 def test_sweep_holds_its_folder_and_its_run_dies_with_it(fashiondet_tiny, tmp_path, capsys):
     """A live sweep refuses a second sweep and a finetune on its run; SIGKILL of the sweep
     also ends the run it launched, and the run's lock is then stale, not blocking."""
+    from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
+
     from predet.cli import main as cli_main
     from predet.engine.runfolder import acquire_lock, release_lock
-
-    from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
 
     out = tmp_path / "sweep"
     overrides = [o for o in tiny_finetune_overrides(fashiondet_tiny, tmp_path / "x", "scratch", 10_000)
@@ -384,9 +382,9 @@ def test_sweep_holds_its_folder_and_its_run_dies_with_it(fashiondet_tiny, tmp_pa
 
 
 def test_sweep_does_not_retry_a_run_that_failed_on_its_inputs(tmp_path, capsys):
-    from predet.sweep import sweep
-
     from helpers import CPU_FINETUNE_CONFIG
+
+    from predet.tools.sweep import sweep
 
     out = tmp_path / "sweep"
     log = out / "lr-bad" / "seed0" / "log.txt"
@@ -439,7 +437,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(small_disk, tmp_path):
     first stays loadable, no temp file is left, and the run resumes once there is room."""
     from test_engine import make_loader, new_model, solver_cfg, train_cfg
 
-    from predet.engine import train
+    from predet.engine.trainer import train
     from predet.errors import DiskFull
 
     class FillDisk:
@@ -518,6 +516,7 @@ def test_a_run_with_damaged_shards_resumes_bit_exactly(weak_set, shards, tmp_pat
 
 def test_more_damaged_shards_than_allowed_stop_the_run_with_one_line(weak_set, shards, tmp_path, capsys):
     from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
+
     from predet.cli import main as cli_main
 
     data, bad = _damaged_copy(shards, tmp_path, truncated=[0, 3], garbage=[6])  # 3 of 8 > 0.25
@@ -660,6 +659,7 @@ def test_a_loader_worker_with_only_an_empty_shard_stops_the_run_with_one_line(we
     import tarfile
 
     from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
+
     from predet.cli import main as cli_main
 
     shards = tmp_path / "shards"

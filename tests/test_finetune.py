@@ -11,16 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import CPU_FINETUNE_CONFIG, CrashAt, tiny_finetune_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import CPU_FINETUNE_CONFIG, CrashAt, tiny_finetune_overrides
+from predet.checkpoint.io import latest_checkpoint, load_checkpoint
 from predet.cli import main as cli_main
 from predet.config import ConfigError, to_dict
-from predet.detection.models import DetectorConfig, build_detector
-from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
+from predet.config.finetune import DetectorConfig
 from predet.engine.optim import build_optimizer, param_groups
-from predet.finetune import finetune, load_finetune_config, mask_head_groups, resolve_solver
+from predet.finetune import (
+    finetune,
+    load_finetune_config,
+    mask_head_groups,
+    resolve_solver,
+)
+from predet.modeling.detectors import build_detector
 
 
 def test_mask_head_lr_is_lr_times_lr_mf():
@@ -210,8 +216,8 @@ def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, caps
 
 
 def test_files_follow_the_umask(tmp_path):
-    from predet.detection.evaluation import write_results_json
-    from predet.engine.checkpoint import atomic_write
+    from predet.checkpoint.io import atomic_write
+    from predet.evaluation.coco import write_results_json
 
     old = os.umask(0o027)
     try:
@@ -242,8 +248,8 @@ def test_unreadable_training_image_is_skipped_listed_and_reported(fashiondet_tin
     """A zero-byte image in the detection set: the run goes on, skipped.jsonl and results.json say so."""
     import shutil
 
-    from predet.data.samplers import DeterministicBatchSampler
     from predet.data.coco import CocoDetection
+    from predet.data.samplers import DeterministicBatchSampler
 
     det = fashiondet_tiny / "det"
     images = tmp_path / "images"

@@ -94,8 +94,8 @@ def test_the_detection_sets_read_16_bit_frames_as_they_look(tmp_path):
 
 
 def test_a_record_sized_for_the_stored_image_names_the_exif_turn(tmp_path):
-    from predet.data.coco_json import AnnotationError
     from predet.data.coco import CocoDetection
+    from predet.data.coco_json import AnnotationError
 
     exif = Image.Exif()
     exif[0x0112] = 6

@@ -2,11 +2,14 @@ import math
 
 import pytest
 import torch
-
 from helpers import tiny_model, two_view_batch
-from predet.models.contrastive import multi_positive_info_nce, sample_query_rois
-from predet.models.predet import LossConfig
-from predet.models.weak_head import weak_label_loss
+
+from predet.config.pretrain import LossConfig
+from predet.modeling.predet.contrastive import (
+    multi_positive_info_nce,
+    sample_query_rois,
+)
+from predet.modeling.predet.weak_head import weak_label_loss
 
 
 def naive_info_nce(sim, positive):
@@ -85,7 +88,7 @@ def test_lambda_scales_its_loss():
 def test_weak_head_norm_ignores_what_all_images_of_a_batch_share():
     """With ``norm`` a feature common to the whole batch cannot move the logits (the path by
     which small batches made them chase each batch's label frequencies)."""
-    from predet.models.weak_head import WeakLabelHead
+    from predet.modeling.predet.weak_head import WeakLabelHead
 
     torch.manual_seed(0)
     c5 = torch.rand(6, 16, 2, 2)

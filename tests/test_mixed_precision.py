@@ -11,13 +11,20 @@ import json
 
 import pytest
 import torch
+from helpers import (
+    CPU_FINETUNE_CONFIG,
+    tiny_finetune_overrides,
+    tiny_model,
+    tiny_pretrain_config,
+    two_view_batch,
+)
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides, tiny_model, tiny_pretrain_config, two_view_batch
-from predet.engine import read_metrics
-from predet.detection.models import DetectorConfig, build_detector
+from predet.config.finetune import DetectorConfig
+from predet.engine.metrics import read_metrics
+from predet.modeling.detectors import build_detector
 from predet.pretrain import pretrain
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -118,10 +125,11 @@ def _heldout_losses(cfg, state, vocab_size, heldout, batches=12, batch_size=4):
     """Each loss of ``state`` on fixed held-out two-view batches (float32, the same views and
     sampling draws for every model): training losses are one noisy batch each, and their
     20-step medians are too coarse to say whether a 40-step run learned."""
+    from predet.data.build import heldout_dataset
     from predet.data.samplers import DeterministicBatchSampler
-    from predet.data.weak import Vocabulary, heldout_dataset
-    from predet.pretrain import build_pretrain_model, collate_two_view
-    from predet.views import TwoViewTransform
+    from predet.data.views import TwoViewTransform, collate_two_view
+    from predet.data.weak import Vocabulary
+    from predet.pretrain import build_pretrain_model
 
     vocab = Vocabulary.load_json(cfg.data.vocab)
     data = heldout_dataset(heldout, vocab, TwoViewTransform(cfg.data.views), 10**6)
@@ -148,7 +156,7 @@ def test_bf16_pretraining_learns_as_float32_does(fashiondet_tiny, tmp_path):
 
     The tiny classification does not learn in 40 steps of batch 4 (its held-out loss rises in
     float32 as well), so it is not part of the comparison."""
-    from predet.engine.checkpoint import load_checkpoint
+    from predet.checkpoint.io import load_checkpoint
 
     weak = fashiondet_tiny / "weak"
     finals = {}
@@ -190,7 +198,7 @@ def test_bfloat16_heads_multiply_in_bf16_and_keep_float32_parameters_and_outputs
     """model.head_dtype=bfloat16: the box head and the CRPN trunk round their products' inputs to
     bf16 (the float32 run's numbers to bf16 precision), everything else is the float32 model:
     the same state dict, float32 outputs, and the same numbers under autocast."""
-    from predet.models.precision import Bfloat16Conv2d, Bfloat16Linear
+    from predet.modeling.precision import Bfloat16Conv2d, Bfloat16Linear
 
     torch.manual_seed(0)
     exact = tiny_model()

@@ -21,7 +21,7 @@ assert Path(predet.__file__).is_relative_to(sys.argv[1]), predet.__file__
 from importlib.resources import files
 assert (files("predet") / "py.typed").is_file()
 from predet.config import shipped_configs
-from predet.demo import FINETUNE_CONFIG, PRETRAIN_CONFIG
+from predet.tools.demo import FINETUNE_CONFIG, PRETRAIN_CONFIG
 from predet.finetune import load_finetune_config
 from predet.pretrain import load_pretrain_config
 load_pretrain_config(PRETRAIN_CONFIG); load_finetune_config(FINETUNE_CONFIG)

@@ -2,9 +2,14 @@
 
 import pytest
 
-from predet import paper_tables
-from predet.detection.presets import GRIDS, get_preset, list_presets, preset_overrides
-from predet.detection.schedules import SCHEDULE_NAMES, get_schedule, resolve_schedule, scale_lr
+from predet.config import paper_tables
+from predet.config.presets import GRIDS, get_preset, list_presets, preset_overrides
+from predet.config.schedules import (
+    SCHEDULE_NAMES,
+    get_schedule,
+    resolve_schedule,
+    scale_lr,
+)
 
 # ---------------------------------------------------------------- schedules
 

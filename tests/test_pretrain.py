@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import (
+    CPU_PRETRAIN_CONFIG,
+    CrashAt,
+    tiny_pretrain_config,
+    tiny_pretrain_overrides,
+)
 
+from predet.checkpoint.io import latest_checkpoint, load_checkpoint
 from predet.cli import main as cli_main
 from predet.config import shipped_configs
-from predet.engine.checkpoint import latest_checkpoint, load_checkpoint
 from predet.engine.metrics import read_metrics
 from predet.pretrain import load_pretrain_config, pretrain
-
-from helpers import CPU_PRETRAIN_CONFIG, CrashAt, tiny_pretrain_config, tiny_pretrain_overrides
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +185,7 @@ def test_every_shipped_pretrain_config_loads():
 
 
 def test_pretext_diagnostics_are_one_when_the_answer_is_known():
-    from predet.pretext import recall_at_iou, top1_accuracy
+    from predet.evaluation.pretext import recall_at_iou, top1_accuracy
 
     boxes = torch.tensor([[[0, 0, 10, 10.0], [5, 5, 30, 20.0]]])
     assert recall_at_iou(boxes, boxes) == 1.0
@@ -220,7 +224,7 @@ def test_pretext_diagnostics_are_logged_on_heldout_pairs_beside_their_floors(wea
 
 
 def test_weak_label_map_and_its_constant_floor():
-    from predet.pretext import constant_predictor_map, mean_average_precision
+    from predet.evaluation.pretext import constant_predictor_map, mean_average_precision
 
     torch.manual_seed(0)
     targets = (torch.rand(400, 6) < torch.linspace(0.1, 0.6, 6)).float()
@@ -232,7 +236,11 @@ def test_weak_label_map_and_its_constant_floor():
 
 
 def test_crpn_recall_floors_catch_a_crpn_that_ignores_its_query():
-    from predet.pretext import best_fixed_anchor_recall, other_query_boxes, recall_at_iou
+    from predet.evaluation.pretext import (
+        best_fixed_anchor_recall,
+        other_query_boxes,
+        recall_at_iou,
+    )
 
     torch.manual_seed(0)
     xy = torch.rand(3, 8, 2) * 100

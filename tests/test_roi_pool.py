@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from predet.models.roi_pool import SparseMultiScaleRoIAlign, bags_to_csr
+from predet.modeling.poolers import SparseMultiScaleRoIAlign, bags_to_csr
 
 NAMES = ["0", "1", "2", "3"]
 
@@ -105,7 +105,7 @@ def test_the_backward_matrix_is_a_valid_csr_equal_to_the_coalesced_sums():
 def test_the_bags_rows_come_sorted_so_the_backward_may_skip_its_sort():
     # the backward builds its matrix with rows_sorted=True: that is right only if every bag's
     # positions are in increasing order, boxes of every scale and outside the image included
-    from predet.models.roi_pool import roi_align_bags
+    from predet.modeling.poolers import roi_align_bags
     boxes = random_boxes(3, 40, 96)
     rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
     levels = torch.randint(0, 4, (len(rois),), generator=torch.Generator().manual_seed(2))
@@ -124,7 +124,8 @@ def test_box_head_on_the_cpu_pools_layout_equals_the_plain_head():
     # the sparse path returns channels-last pooled features; BoxHead folds that layout into
     # fc6's weight: the same features and gradients as torchvision's head on a contiguous copy
     from torchvision.models.detection.faster_rcnn import TwoMLPHead
-    from predet.models.roi_pool import BoxHead
+
+    from predet.modeling.poolers import BoxHead
 
     torch.manual_seed(0)
     head = BoxHead(8 * 49, 16).double()

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import yaml
-
 from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
+
 from predet.cli import main as cli_main
-from predet.runlog import run_log
+from predet.engine.runlog import run_log
 
 
 def test_pretrain_run_folder_has_the_console_log(fashiondet_tiny, tmp_path, capsys):
@@ -28,7 +28,7 @@ def test_pretrain_run_folder_has_the_console_log(fashiondet_tiny, tmp_path, caps
 def test_no_second_copy_when_stderr_already_goes_to_log_txt(tmp_path):
     """A sweep captures each run's output into its log.txt: lines must not appear twice."""
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO)\n"
-            "from predet.runlog import run_log\n"
+            "from predet.engine.runlog import run_log\n"
             f"with run_log({str(tmp_path)!r}) as path:\n"
             "    logging.getLogger('x').info('hello once'); print(path, file=sys.stderr)\n")
     with open(tmp_path / "log.txt", "ab") as log:

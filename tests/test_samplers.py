@@ -8,7 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-from predet.data.samplers import DeterministicBatchSampler, RepeatFactorBatchSampler, repeat_factors
+from predet.data.samplers import (
+    DeterministicBatchSampler,
+    RepeatFactorBatchSampler,
+    repeat_factors,
+)
 
 
 def _take(sampler, n):

@@ -10,13 +10,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
-from predet import paper_tables
+
 from predet.cli import main as cli_main
-from predet.config import ConfigError
-from predet.report import ap_curves, build_table, collect_runs, format_cell, write_report
-from predet.sweep import (
+from predet.config import ConfigError, paper_tables
+from predet.tools import sweep as sweep_module
+from predet.tools.report import (
+    ap_curves,
+    build_table,
+    collect_runs,
+    format_cell,
+    write_report,
+)
+from predet.tools.sweep import (
     expand_grid,
     parse_grid_args,
     plan_runs,
@@ -25,7 +31,6 @@ from predet.sweep import (
     select_best,
     sweep,
 )
-from predet import sweep as sweep_module
 
 PREDET_INIT = "runs/pretrain/predet_r18/checkpoints/model_final.pth"
 
@@ -401,7 +406,7 @@ def test_report_per_category_ap_mean_over_seeds(tmp_path):
 
 
 def test_pretext_curves_plot_every_variant_and_nothing_without_records(tmp_path):
-    from predet.report import plot_pretext_curves
+    from predet.tools.report import plot_pretext_curves
 
     for name, level in (("a", 0.2), ("b", 0.5)):
         run = tmp_path / name

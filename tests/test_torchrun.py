@@ -16,11 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import (
+    CPU_FINETUNE_CONFIG,
+    CPU_PRETRAIN_CONFIG,
+    tiny_finetune_overrides,
+    tiny_pretrain_overrides,
+)
 
-from helpers import CPU_FINETUNE_CONFIG, CPU_PRETRAIN_CONFIG, tiny_finetune_overrides, tiny_pretrain_overrides
 from predet.cli import main as cli_main
 from predet.config import to_dict
-from predet.data.weak import write_webdataset_shards
+from predet.data.shards import write_webdataset_shards
 from predet.finetune import load_finetune_config, resolve_solver
 
 TESTS = Path(__file__).parent

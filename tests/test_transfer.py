@@ -13,18 +13,19 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from predet.detection.models import DetectorConfig, build_detector
-from predet.detection.transfer import (
-    LoadReport,
-    RestrictedUnpickler,
-    c2_to_detectron2,
-    from_detectron2,
-    load_init_weights,
-    load_pickle_weights,
-    to_detectron2,
+from predet.checkpoint.export import (
+    detectron2_state_dict,
+    export_detectron2,
+    export_pretrained,
+    export_torchvision,
 )
-from predet.export import detectron2_state_dict, export_detectron2, export_pretrained, export_torchvision
-from predet.models.predet import ModelConfig, PreDet
+from predet.checkpoint.formats import RestrictedUnpickler, load_pickle_weights
+from predet.checkpoint.renames import c2_to_detectron2, from_detectron2, to_detectron2
+from predet.checkpoint.transfer import LoadReport, load_init_weights
+from predet.config.finetune import DetectorConfig
+from predet.config.pretrain import ModelConfig
+from predet.modeling.detectors import build_detector
+from predet.modeling.predet.meta_arch import PreDet
 
 TINY = dict(backbone="resnet18", fpn_channels=32, box_head_dim=64)
 K = 3  # foreground classes
@@ -382,9 +383,10 @@ def test_a_backbone_of_another_depth_is_refused_naming_both(tmp_path, source, ta
     # went on as if pre-trained
     import torchvision
 
-    from predet.detection.models import DetectorConfig, build_detector
-    from predet.detection.transfer import load_init_weights
+    from predet.checkpoint.transfer import load_init_weights
+    from predet.config.finetune import DetectorConfig
     from predet.errors import CheckpointError
+    from predet.modeling.detectors import build_detector
 
     path = tmp_path / f"{source}.pth"
     torch.save(getattr(torchvision.models, source)(weights=None).state_dict(), path)
@@ -401,8 +403,9 @@ def test_a_backbone_of_another_depth_is_refused_naming_both(tmp_path, source, ta
 def test_the_same_backbone_still_loads_whole(tmp_path):
     import torchvision
 
-    from predet.detection.models import DetectorConfig, build_detector
-    from predet.detection.transfer import load_init_weights
+    from predet.checkpoint.transfer import load_init_weights
+    from predet.config.finetune import DetectorConfig
+    from predet.modeling.detectors import build_detector
 
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)

@@ -1,13 +1,20 @@
 import numpy as np
 import pytest
 import torch
+from helpers import smooth_image
 from PIL import Image
 from torchvision.ops import roi_align
 
-from helpers import smooth_image
-from predet.pretrain import collate_two_view
-from predet.views import (ViewConfig, ViewTransform, apply_colour, as_float_images, colour_views, make_two_views,
-                          sample_colour)
+from predet.config.pretrain import ViewConfig
+from predet.data.views import (
+    ViewTransform,
+    apply_colour,
+    as_float_images,
+    collate_two_view,
+    colour_views,
+    make_two_views,
+    sample_colour,
+)
 
 
 def crop_region(view: torch.Tensor, box: torch.Tensor, flip: bool, size=12) -> torch.Tensor:
@@ -46,7 +53,8 @@ def test_same_seed_same_views_and_shapes():
     a = make_two_views(smooth_image(1), 7, cfg)
     b = make_two_views(smooth_image(1), 7, cfg)
     for key in a:
-        assert torch.equal(a[key], b[key])
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
+    assert a["seed"] == 7  # what the loader draws the sample's CRPN anchors from
     assert a["view1"].shape == (3, 48, 48) and a["b1"].shape == (5, 4)
     # uint8 across the loader's worker boundary: a quarter of float32's shared memory
     assert a["view1"].dtype == a["view2"].dtype == torch.uint8
@@ -74,7 +82,7 @@ def test_grayscale_views_keep_geometry_and_lose_colour():
 
 def test_decorrelated_colour_views_no_longer_share_their_colour():
     """The held-out contrastive check's views: a colour match between them is no longer a cue."""
-    from predet.views import decorrelated_colours
+    from predet.data.views import decorrelated_colours
 
     image = Image.new("RGB", (120, 100), (200, 60, 40))
     plain = ViewConfig(size=32, jitter=0.0, hue=0.0, num_queries=2)

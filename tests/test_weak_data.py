@@ -14,16 +14,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from predet.data.build import build_weak_dataset
 from predet.data.samplers import DeterministicBatchSampler
+from predet.data.shards import weak_webdataset, write_webdataset_shards
 from predet.data.weak import (
     LabelFileError,
     Vocabulary,
     WeakLabelFolder,
-    build_weak_dataset,
     collate_weak,
     read_labels_jsonl,
-    weak_webdataset,
-    write_webdataset_shards,
 )
 
 NAMES = ["Bag", "Coat", "Sneaker"]

@@ -10,11 +10,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_model  # noqa: E402
 
-from predet.data.weak import Vocabulary, heldout_dataset  # noqa: E402
+from predet.config.pretrain import ViewConfig
+from predet.data.build import heldout_dataset
+from predet.data.views import (  # noqa: E402
+    TwoViewTransform,
+    WholeImageTransform,
+    collate_images,
+    collate_two_view,
+    decorrelated_colours,
+)
+from predet.data.weak import Vocabulary  # noqa: E402
 from predet.engine.launch import launched  # noqa: E402
-from predet.pretext import PretextDiagnosticsHook  # noqa: E402
-from predet.pretrain import collate_images, collate_two_view  # noqa: E402
-from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, decorrelated_colours  # noqa: E402
+from predet.evaluation.pretext import PretextDiagnosticsHook  # noqa: E402
 
 heldout, vocab_file, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 views = ViewConfig(size=64, num_queries=4, min_query_px=6)

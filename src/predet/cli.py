@@ -64,7 +64,12 @@ def cmd_pretrain(args) -> None:
 
 def cmd_finetune(args) -> None:
     from predet.engine.launch import launched
-    from predet.finetune import finetune, load_finetune_config, resolve_solver, resolved_config
+    from predet.finetune import (
+        finetune,
+        load_finetune_config,
+        resolve_solver,
+        resolved_config,
+    )
 
     cfg = load_finetune_config(args.config, args.overrides)
     if args.print_config:
@@ -81,8 +86,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from predet.detection.evaluation import format_per_category
-    from predet.finetune import evaluate_checkpoint
+    from predet.evaluation.coco import format_per_category
+    from predet.evaluation.evaluate import evaluate_checkpoint
 
     evaluation = evaluate_checkpoint(args.checkpoint, args.data, args.images, args.kind, args.device,
                                      args.batch_size, args.visualize, args.out, args.num_workers)
@@ -92,7 +97,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from predet.predict import predict
+    from predet.evaluation.predict import predict
 
     out = predict(args.checkpoint, args.images, args.out, args.score_thresh, args.image_root, args.device,
                   args.batch_size, args.visualize, progress=not args.no_progress, num_workers=args.num_workers)
@@ -104,14 +109,14 @@ def cmd_predict(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from predet.export import export_checkpoint
+    from predet.checkpoint.export import export_checkpoint
 
     for path in export_checkpoint(args.checkpoint, args.out, formats=args.format, arch=args.arch):
         print(f"wrote {path}")
 
 
 def cmd_demo(args) -> None:
-    from predet.demo import run_demo
+    from predet.tools.demo import run_demo
 
     result = run_demo(args.out, args.data, args.size, args.seed, progress=not args.no_progress)
     print(result.table)
@@ -133,14 +138,14 @@ def cmd_data_fashiondet(args) -> int:
 
 
 def cmd_data_shards(args) -> None:
-    from predet.data.weak import write_webdataset_shards
+    from predet.data.shards import write_webdataset_shards
 
     paths = write_webdataset_shards(args.labels, args.out, shard_size=args.shard_size)
     print(f"wrote {len(paths)} shard(s) to {args.out}")
 
 
 def cmd_sweep(args) -> int:
-    from predet.sweep import parse_grid_args, sweep
+    from predet.tools.sweep import parse_grid_args, sweep
 
     summary = sweep(args.config, parse_grid_args(args.grid), seeds=args.seeds, metric=args.metric,
                     out_dir=args.out, overrides=args.overrides, launcher=args.launcher, nproc=args.nproc,
@@ -153,7 +158,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from predet.report import paper_report, parse_labels, write_report
+    from predet.tools.report import paper_report, parse_labels, write_report
 
     if args.paper:
         print(paper_report())

@@ -11,127 +11,50 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from predet.checkpoint.transfer import init_layout, load_init_weights
 from predet.config import (
-    FRACTION,
     SCRATCH_INITS,
-    NON_NEGATIVE,
-    Check,
-    POSITIVE,
     ConfigError,
     SolverConfig,
-    TrainConfig,
-    above,
-    apply_overrides,
-    checked,
-    from_dict,
-    load_yaml,
-    one_of,
     to_dict,
     validate,
 )
-from predet.data.coco import build_detection_dataset, collate_detection
-from predet.data.coco_json import AnnotationError, subset_path, write_subset
-from predet.data.samplers import DeterministicBatchSampler, RepeatFactorBatchSampler, repeat_factors
-from predet.detection.evaluation import (
-    RESULTS_FILE,
-    Evaluation,
-    evaluate_dataset_full,
-    visualize,
-    write_coco_results,
-    write_results_json,
+from predet.config.finetune import FinetuneConfig, load_finetune_config
+from predet.config.schedules import (
+    resolve_schedule,
+    scale_lr,
 )
-from predet.detection.models import DetectorConfig, build_detector
-from predet.detection.presets import preset_overrides
-from predet.detection.schedules import SCHEDULE_NAMES, normalize_schedule_name, resolve_schedule, scale_lr
-from predet.detection.transfer import init_layout, load_init_weights
-from predet.engine.checkpoint import load_checkpoint
-from predet.engine.optim import check_solver, param_groups
+from predet.data.coco import build_detection_dataset, collate_detection
+from predet.data.coco_json import subset_path, write_subset
+from predet.data.samplers import (
+    DeterministicBatchSampler,
+    RepeatFactorBatchSampler,
+    repeat_factors,
+)
 from predet.engine.distributed import barrier, get_rank, get_world_size, is_main_process
 from predet.engine.launch import launched
+from predet.engine.optim import check_solver, param_groups
 from predet.engine.preemption import ignore_stop_signals
-from predet.engine.runfolder import check_writable, fresh_output, run_folder
+from predet.engine.runfolder import check_writable, run_folder
+from predet.engine.runlog import run_log
 from predet.engine.trainer import TrainResult, check_train_config, train
-from predet.errors import CheckpointError
-from predet.runlog import run_log
+from predet.evaluation.coco import RESULTS_FILE, write_coco_results, write_results_json
+from predet.evaluation.evaluate import PeriodicEvaluation, evaluate, record_evaluation
+from predet.evaluation.visualize import visualize
+from predet.modeling.detectors import build_detector
 
 logger = logging.getLogger(__name__)
 
 MASK_HEAD_MODULES = ("roi_heads.mask_head", "roi_heads.mask_predictor")
 
-
-@checked(kind=one_of("coco", "lvis"), subset=NON_NEGATIVE, subset_seed=NON_NEGATIVE,
-         repeat_factor_threshold=NON_NEGATIVE, flip_p=FRACTION)
-@dataclass
-class FinetuneDataConfig:
-    train: str = ""  # COCO or LVIS json
-    train_images: str = ""  # folder the json's file names are relative to
-    val: str = ""
-    val_images: str = ""
-    test: str = ""  # evaluated once at the end, never used to choose settings
-    test_images: str = ""
-    kind: str = "coco"  # coco | lvis
-    subset: int = 0  # fine-tune on N training images (0: all), written out as COCO json
-    subset_seed: int = 0
-    repeat_factor_threshold: float = 0.0  # > 0 turns on repeat-factor sampling (LVIS: 0.001)
-    flip_p: float = 0.5
-
-
-@checked(lr_mf=NON_NEGATIVE)
-@dataclass
-class OptimConfig:
-    lr_mf: float = 1.0  # the mask head's lr is solver.lr x lr_mf (it is never pre-trained)
-
-
-@checked(batch_size=above(0), num_workers=NON_NEGATIVE, visualize=NON_NEGATIVE)
-@dataclass
-class EvalConfig:
-    batch_size: int = 2
-    num_workers: int = 0  # loader workers of each rank's share of an evaluation
-    visualize: int = 0  # PNGs of predictions written at the end
-
-
-@checked(init_stride_in_1x1=Check(lambda v: v.lower() in ("auto", "true", "false"), "auto, true or false"),
-         init_input_format=one_of("auto", "RGB", "BGR"),
-         schedule=Check(lambda v: not v or normalize_schedule_name(v) in SCHEDULE_NAMES,
-                        "empty or one of " + ", ".join(SCHEDULE_NAMES)), schedule_scale=POSITIVE)
-@dataclass
-class FinetuneConfig:
-    init: str = "scratch"  # scratch | a PreDet checkpoint | an external backbone file
-    init_stride_in_1x1: str = "auto"  # Detectron2 weights: auto (from the file) | true (D2 default) | false
-    init_input_format: str = "auto"  # Detectron2 weights: auto | BGR (D2 default, 0..255) | RGB (torchvision)
-    preset: str = ""  # e.g. coco/mask_rcnn/predet_ig50m (supplement Table 1)
-    schedule: str = "1x"  # 1x 2x 3x 6x 9x 60k 70k 130k at batch 16, scaled to the real batch; empty: solver as given
-    schedule_scale: float = 1.0
-    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
-    model: DetectorConfig = field(default_factory=DetectorConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-def load_finetune_config(path=None, overrides=()) -> FinetuneConfig:
-    """YAML, then the preset it names (or an override names), then the overrides."""
-    base = load_yaml(path) if path else {}
-    preset = apply_overrides(base, list(overrides)).get("preset", "")
-    if preset:
-        try:
-            base = apply_overrides(base, [f"{k}={v}" for k, v in preset_overrides(preset).items()])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    try:
-        cfg = from_dict(FinetuneConfig, apply_overrides(base, list(overrides)))
-        validate(cfg)
-        return cfg
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+__all__ = ["FinetuneConfig", "FinetuneResult", "build_train_loader", "build_training_set", "check_finetune_config", "finetune", "load_finetune_config", "mask_head_groups", "match_init_layout", "resolve_solver", "resolved_config", "scratch_settings", "training_annotations"]
 
 
 def resolve_solver(cfg: FinetuneConfig, world_size: int | None = None) -> SolverConfig:
@@ -189,43 +112,6 @@ def build_train_loader(dataset, cfg: FinetuneConfig, start_iter: int):
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers, collate_fn=collate_detection,
                       pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
                       worker_init_fn=ignore_stop_signals)
-
-
-def evaluate(detector, dataset, cfg: FinetuneConfig, device, progress: bool = False) -> Evaluation:
-    """``dataset`` scored with the run's evaluation settings: every rank runs its share."""
-    return evaluate_dataset_full(detector, dataset, device, cfg.eval.batch_size, cfg.eval.num_workers,
-                                 progress=progress)
-
-
-class PeriodicEvaluation:
-    """Evaluates on the validation split every ``period`` iterations, on every rank (each runs its
-    share of the images): metrics and per-category AP to evals.jsonl, detections to
-    ``inference/val_iterNNNNNNN/`` as a COCO results file (rank 0 writes)."""
-
-    def __init__(self, dataset, cfg: FinetuneConfig, period: int):
-        self.dataset, self.cfg, self.period = dataset, cfg, period
-
-    def after_step(self, state):
-        if state.iteration % self.period or state.iteration == state.max_iters:
-            return
-        evaluation = evaluate(state.model, self.dataset, self.cfg, state.device)
-        metrics = evaluation.metrics
-        if state.rank == 0:
-            write_coco_results(evaluation.results,
-                               Path(state.run_dir) / "inference" / f"val_iter{state.iteration:07d}" / RESULTS_FILE)
-            record_evaluation(state.run_dir, state.iteration, "val", metrics, evaluation.per_category)
-        state.writer.write({"iteration": state.iteration, **{f"val/{k}": v for k, v in metrics.items()}})
-        state.metrics.update({f"val/{k}": v for k, v in metrics.items()})
-
-
-def record_evaluation(run_dir: Path, iteration: int, split: str, metrics: dict,
-                      per_category: list[dict] | None = None) -> None:
-    """One line per evaluation: the AP-against-iterations curve the reports plot."""
-    record = {"iteration": iteration, "split": split, **metrics}
-    if per_category is not None:
-        record["per_category"] = per_category
-    with open(Path(run_dir) / "evals.jsonl", "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -363,52 +249,3 @@ def _test_set(cfg: FinetuneConfig, masks: bool):
     if not cfg.data.test:
         return None
     return build_detection_dataset(cfg.data.test, cfg.data.test_images, cfg.data.kind, masks=masks)
-
-
-def load_detector(checkpoint: str | Path):
-    """A fine-tuned detector and its training config, from a checkpoint of ``predet finetune``."""
-    return detector_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-
-
-def detector_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint"):
-    """``load_detector`` for a checkpoint already read (so callers read the file once)."""
-    if ckpt.get("extra_state", {}).get("kind") != "predet_finetune":
-        raise CheckpointError(f"{source}: not a predet finetune checkpoint (no extra_state.kind="
-                              "'predet_finetune'); give a checkpoint written by predet finetune")
-    cfg = from_dict(FinetuneConfig, ckpt["config"])
-    detector = build_detector(cfg.model, num_classes=len(ckpt["extra_state"]["cat_ids"]))
-    detector.load_state_dict(ckpt["model"])
-    return detector.eval(), cfg, ckpt["extra_state"]
-
-
-def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "", device: str = "auto",
-                        batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None,
-                        num_workers: int = 2, progress: bool = True) -> Evaluation:
-    """``predet eval``: a fine-tuned checkpoint on a COCO/LVIS json. Writes ``eval_results.json``
-    (metrics and per-category AP) and ``coco_instances_results.json`` into ``out_dir``. Under
-    torchrun every rank runs its share of the images and rank 0 scores and writes them."""
-    if batch_size <= 0 or num_workers < 0:
-        raise ConfigError(f"--batch-size {batch_size}, --num-workers {num_workers}: the batch size must be "
-                          "positive and the workers >= 0")
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent
-    check_writable(out, "--out")  # before the whole inference runs, not after
-    with launched(device, "--device") as where:
-        detector, cfg, extra = load_detector(checkpoint)
-        dataset = build_detection_dataset(data, images or cfg.data.val_images, kind or cfg.data.kind,
-                                          masks=cfg.model.arch == "mask_rcnn")
-        if list(dataset.cat_ids) != list(extra["cat_ids"]):
-            raise AnnotationError(f"{data}: categories {list(dataset.cat_ids)} differ from the checkpoint's "
-                                  f"{extra['cat_ids']}; evaluate on data with the training categories")
-        detector.to(where.device)
-        evaluation = evaluate_dataset_full(detector, dataset, where.device, batch_size, num_workers,
-                                           progress=progress)
-        if where.is_main:
-            with fresh_output(out):
-                out.mkdir(parents=True, exist_ok=True)
-                write_results_json({"checkpoint": str(checkpoint), "data": str(data), **evaluation.metrics,
-                                    "per_category": evaluation.per_category}, out / "eval_results.json")
-                write_coco_results(evaluation.results, out / RESULTS_FILE)
-                if visualize_n:
-                    visualize(detector, dataset, visualize_n, out / "visualize", where.device)
-        barrier()
-    return evaluation

@@ -4,97 +4,41 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
 
-from predet.config import NON_NEGATIVE, ConfigError, above, SolverConfig, TrainConfig, checked, from_dict, load_config, to_dict, validate
-from predet.data.samplers import DeterministicBatchSampler
-from predet.data.weak import (
-    Vocabulary,
-    build_weak_dataset,
-    collate_weak,
-    heldout_dataset,
+from predet.checkpoint.io import load_checkpoint
+from predet.config import (
+    ConfigError,
+    SolverConfig,
+    from_dict,
+    to_dict,
+    validate,
 )
-from predet.detection.schedules import scale_solver
-from predet.engine.checkpoint import load_checkpoint
+from predet.config.pretrain import PretrainConfig, load_pretrain_config
+from predet.config.schedules import scale_solver
+from predet.data.build import build_weak_dataset, heldout_dataset
+from predet.data.samplers import DeterministicBatchSampler
+from predet.data.views import (
+    TwoViewTransform,
+    WholeImageTransform,
+    collate_images,
+    collate_two_view,
+    decorrelated_colours,
+)
+from predet.data.weak import Vocabulary
 from predet.engine.distributed import get_rank, get_world_size
 from predet.engine.launch import launched, resolve_device
 from predet.engine.optim import check_solver
 from predet.engine.preemption import ignore_stop_signals
 from predet.engine.runfolder import check_writable, run_folder
+from predet.engine.runlog import run_log
 from predet.engine.trainer import TrainResult, check_train_config, train
-from predet.models.crpn import CRPNTargetSampler
-from predet.models.predet import LossConfig, ModelConfig, PreDet, crpn_target_sampler
-from predet.pretext import PretextDiagnosticsHook
-from predet.runlog import run_log
-from predet.views import TwoViewTransform, ViewConfig, WholeImageTransform, colour_views, decorrelated_colours, stack_images
+from predet.evaluation.pretext import PretextDiagnosticsHook
+from predet.modeling.predet.meta_arch import PreDet, crpn_target_sampler
 
-
-@checked(val_pairs=above(0), val_max_images=above(0))
-@dataclass
-class DataConfig:
-    train: str = ""  # labels.jsonl, a .tar shard pattern, or a folder of shards
-    val: str = ""  # optional held-out labels.jsonl or shards (true tags) for the pretext diagnostics
-    val_pairs: int = 32  # held-out two-view pairs of the CRPN recall and contrastive top-1
-    val_max_images: int = 256  # held-out whole images of the weak-label mAP (the first N of data.val)
-    vocab: str = ""  # optional vocab.json (a list of names); built from the data if empty
-    views: ViewConfig = field(default_factory=ViewConfig)
-
-
-@checked(reference_batch=NON_NEGATIVE)
-@dataclass
-class PretrainConfig:
-    # Images per step (all processes together) at which solver.lr, max_iters, warmup_iters and
-    # milestones are given; the run scales them linearly to its real total batch
-    # (train.batch_size x processes). 0: use them as given.
-    reference_batch: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def load_pretrain_config(path=None, overrides=()) -> PretrainConfig:
-    return load_config(PretrainConfig, path, overrides)
-
-
-def collate_two_view(samples: list[dict], colour_in_loader: bool = False,
-                     crpn_sampler: CRPNTargetSampler | None = None) -> dict:
-    """Stack the two-view samples that decoded; skipped images travel along for counting.
-
-    ``colour_in_loader``: apply the views' colour changes here, in the loader worker, and send
-    float views. ``crpn_sampler``: draw the CRPN's anchor sample here too (``crpn_pos``,
-    ``crpn_neg``). For CPU training: the workers share the step's cores but run beside it, so
-    this work (5 % and 2 % of a CPU recipe step in the main process) is hidden there; on a GPU
-    it belongs on the device (uint8 views, :func:`predet.views.colour_views` in the model)."""
-    batch = collate_weak(samples)
-    kept = batch["samples"]
-    out = {"skipped": batch["skipped"], "damaged_shards": batch["damaged_shards"], "num_images": len(kept),
-           "labels": batch["labels"]}
-    if kept:
-        for key in ("view1", "view2"):
-            out[key] = stack_images([s[key] for s in kept])
-        for key in ("colour1", "colour2", "b1", "b2", "transform1", "transform2"):
-            out[key] = torch.stack([s[key] for s in kept])
-        if colour_in_loader:
-            for view, colour in (("view1", "colour1"), ("view2", "colour2")):
-                out[view] = colour_views(out[view], out.pop(colour))
-        if crpn_sampler is not None:
-            out["crpn_pos"], out["crpn_neg"] = crpn_sampler(out["b2"], [s["seed"] for s in kept])
-    return out
-
-
-def collate_images(samples: list[dict]) -> dict:
-    """Whole images with their tags (the weak-label mAP's batches)."""
-    batch = collate_weak(samples)
-    kept = batch["samples"]
-    out = {"skipped": batch["skipped"], "num_images": len(kept), "labels": batch["labels"]}
-    if kept:
-        out["image"] = stack_images([s["image"] for s in kept])
-    return out
+__all__ = ["PretrainConfig", "build_pretrain_loader", "build_pretrain_model", "check_pretrain_config", "load_pretrain_config", "pretrain", "read_vocab", "resolve_solver", "weight_change"]
 
 
 def read_vocab(path: str) -> Vocabulary | None:

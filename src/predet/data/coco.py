@@ -31,7 +31,13 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from predet.data.coco_json import LVIS_FREQUENCIES, _is_number, _record_error, load_coco_json, load_lvis_json
+from predet.data.coco_json import (
+    LVIS_FREQUENCIES,
+    _is_number,
+    _record_error,
+    load_coco_json,
+    load_lvis_json,
+)
 from predet.data.images import open_rgb, stored_size_differs
 
 __all__ = ["CocoDetection", "LVISDetection", "build_detection_dataset", "collate_detection", "decode_segmentation"]

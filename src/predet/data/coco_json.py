@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from predet.checkpoint.io import atomic_write
 from predet.data.samplers import derive_seed
-from predet.engine.checkpoint import atomic_write
 from predet.errors import InputNotFound, UserError
 
 __all__ = ["AnnotationError", "LVIS_FREQUENCIES", "load_coco_json", "load_lvis_json", "subset_path", "write_subset"]

@@ -36,7 +36,12 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from predet.data.fashion_mnist import CLASSES, FashionMNISTNotFound, find_fashion_mnist, load_fashion_mnist
+from predet.data.fashion_mnist import (
+    CLASSES,
+    FashionMNISTNotFound,
+    find_fashion_mnist,
+    load_fashion_mnist,
+)
 
 FORMAT_VERSION = 3  # 2: adds weak/heldout; 3: heldout_clean.jsonl, object-centric weak canvases
 FORMAT_VERSIONS = (2, 3)

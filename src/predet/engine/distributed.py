@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-
 from collections.abc import Mapping
 from typing import Any
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
-from .distributed import cleanup, init_distributed
+from predet.config import ConfigError
+from predet.engine.distributed import cleanup, init_distributed
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,15 @@ import importlib.util
 import json
 import math
 import statistics
+import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
-from ..config import flatten
-from .checkpoint import atomic_write
+from predet.checkpoint.io import atomic_write
+from predet.config import SolverConfig, flatten
+from predet.engine.distributed import all_reduce_mean
+from predet.engine.optim import lr_at
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -157,3 +161,64 @@ def truncate_metrics(path: str | Path, max_iteration: int) -> None:
     kept = [r for r in read_metrics(path)
             if int(r.get("iteration", 0)) <= max_iteration and not r.get("final")]
     atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept), mode="w")
+
+
+class Meters:
+    """Windowed losses, metrics and timings of this rank."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.losses: dict[str, SmoothedValue] = {}
+        self.metrics: dict[str, SmoothedValue] = {}
+        self.iter_time = SmoothedValue(window)
+        self.data_time = SmoothedValue(window)
+        self.images = SmoothedValue(window)
+
+    def update(self, group: dict[str, SmoothedValue], values: dict[str, float]) -> None:
+        for k, v in values.items():
+            group.setdefault(k, SmoothedValue(self.window)).update(v)
+
+    def localsummarize(self) -> dict[str, float]:
+        out = {f"losses/{k}": m.median for k, m in self.losses.items()}
+        out.update({f"metrics/{k}": m.median for k, m in self.metrics.items()})
+        t = self.iter_time.avg if self.iter_time.count else math.nan
+        out["time"] = t
+        out["data_time"] = self.data_time.avg if self.data_time.count else math.nan
+        out["images_per_s"] = self.images.avg / t if self.iter_time.count and t > 0 else math.nan
+        return out
+
+def summarize(meters: Meters, world_size: int) -> dict[str, Any]:
+    """Smoothed values averaged over ranks (a collective: every rank must call it)."""
+    flat = all_reduce_mean(meters.localsummarize())
+    losses = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("losses/")}
+    metrics = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("metrics/")}
+    return {"losses": losses, "metrics": metrics, "time": flat["time"],
+            "data_time": flat["data_time"], "images_per_s": flat["images_per_s"] * world_size}
+
+def metrics_record(iteration: int, max_iters: int, solver: SolverConfig, summary: dict) -> dict:
+    eta = summary["time"] * (max_iters - iteration) if math.isfinite(summary["time"]) else None
+    return {
+        "iteration": iteration,
+        "lr": lr_at(max(iteration - 1, 0), solver),
+        "losses": summary["losses"],
+        "metrics": summary["metrics"],
+        "images_per_s": summary["images_per_s"],
+        "eta_s": eta,
+        "time": summary["time"],
+        "data_time": summary["data_time"],
+        "timestamp": time.time(),
+    }
+
+def progress_postfix(meters: Meters, lr: float) -> dict[str, str]:
+    post = {k.removeprefix("loss_") if k != "total_loss" else "loss": f"{m.median:.4g}"
+            for k, m in meters.losses.items()}
+    t = meters.iter_time.avg
+    if meters.iter_time.count and t > 0:
+        post["img/s"] = f"{meters.images.avg / t:.1f}"
+    post["lr"] = f"{lr:.3g}"
+    return post
+
+def log_line(record: dict, max_iters: int) -> str:
+    losses = "  ".join(f"{k} {v:.4g}" for k, v in record["losses"].items())
+    return (f"iter {record['iteration']}/{max_iters}  {losses}  lr {record['lr']:.4g}  "
+            f"{record['images_per_s']:.1f} img/s  eta {format_eta(record['eta_s'])}")

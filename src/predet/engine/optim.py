@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..config import ConfigError, SolverConfig
+from predet.config import ConfigError, SolverConfig
 
 SCHEDULES = ("step", "cosine")
 # Autocast dtypes of ``solver.amp``: bf16 runs on CUDA and on the CPU (torch's CPU autocast);

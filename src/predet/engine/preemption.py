@@ -17,8 +17,6 @@ import threading
 
 import torch
 
-from ..errors import Preempted
-
 logger = logging.getLogger("predet.engine")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -19,7 +19,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from ..errors import DataError, RunLocked, UserError
+from predet.errors import DataError, RunLocked, UserError
 
 logger = logging.getLogger("predet.engine")
 

@@ -1,1 +1,0 @@
-"""Fine-tuning and evaluating torchvision detectors (Mask R-CNN, Faster R-CNN, RetinaNet)."""

@@ -1,1 +1,0 @@
-"""Model pieces of PreDet: backbone + FPN, weak-label head, CRPN, contrastive RoI head."""

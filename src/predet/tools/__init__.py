@@ -1,0 +1,2 @@
+"""Tools over the two halves: hyper-parameter sweeps, reports and plots, the demo.
+"""
