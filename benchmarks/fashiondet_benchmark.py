@@ -40,11 +40,14 @@ from pathlib import Path
 
 from predet.data.fashiondet import build_fashiondet, is_current_build
 from predet.engine.metrics import read_metrics
+from predet.engine.processes import thread_env
 from predet.finetune import load_finetune_config
 from predet.pretrain import weight_change
 from predet.tools.demo import BENCHMARK_FINETUNE_CUTS
 from predet.tools.report import plot_pretext_curves, write_report
-from predet.tools.sweep import parse_grid_args, run_command, sweep, thread_env
+from predet.tools.sweep.grid import parse_grid_args
+from predet.tools.sweep.launch import run_command
+from predet.tools.sweep.run import sweep
 
 PRETRAIN_CONFIG = "pretrain/fashiondet_r18_cpu"
 FINETUNE_CONFIG = "finetune/fashiondet_r18_cpu"

@@ -38,7 +38,7 @@ import fashiondet_benchmark as ladder  # noqa: E402
 
 from predet.data.fashiondet import build_fashiondet, is_current_build  # noqa: E402
 from predet.tools.report import save_figure  # noqa: E402
-from predet.tools.sweep import seed_gap  # noqa: E402
+from predet.tools.stats import seed_gap
 
 FORMAT_VERSION = 1
 RESULTS = Path("benchmarks/results/fashiondet")

@@ -172,7 +172,7 @@ import io, os, signal, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
-from test_engine import make_loader, new_model, solver_cfg, train_cfg
+from toy_training import make_loader, new_model, solver_cfg, train_cfg
 from predet.engine.trainer import train
 
 real_save = torch.save
@@ -192,7 +192,7 @@ train(new_model(), make_loader, solver_cfg(), train_cfg(Path({tmp!r}), "crashed"
 
 
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tmp_path):
-    from test_engine import make_loader, new_model, solver_cfg, train_cfg
+    from toy_training import make_loader, new_model, solver_cfg, train_cfg
 
     from predet.engine.trainer import train
 
@@ -214,7 +214,7 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tmp
 
 
 def _toy_run(tmp_path, name="run", **kw):
-    from test_engine import solver_cfg, train_cfg
+    from toy_training import solver_cfg, train_cfg
 
     # every checkpoint kept: these tests damage the newest and need the older ones
     return solver_cfg(**kw), train_cfg(tmp_path, name, checkpoint_period=5, keep_checkpoints=0)
@@ -222,7 +222,7 @@ def _toy_run(tmp_path, name="run", **kw):
 
 def _toy_straight_and_crashed(tmp_path):
     """A 30-iteration toy run, and the same run crashed after its checkpoint at 25."""
-    from test_engine import make_loader, new_model
+    from toy_training import make_loader, new_model
 
     from predet.engine.trainer import train
 
@@ -236,7 +236,7 @@ def _toy_straight_and_crashed(tmp_path):
 
 
 def _resume_toy(solver, cfg):
-    from test_engine import make_loader, new_model
+    from toy_training import make_loader, new_model
 
     from predet.engine.trainer import train
 
@@ -384,7 +384,7 @@ def test_sweep_holds_its_folder_and_its_run_dies_with_it(fashiondet_tiny, tmp_pa
 def test_sweep_does_not_retry_a_run_that_failed_on_its_inputs(tmp_path, capsys):
     from helpers import CPU_FINETUNE_CONFIG
 
-    from predet.tools.sweep import sweep
+    from predet.tools.sweep.run import sweep
 
     out = tmp_path / "sweep"
     log = out / "lr-bad" / "seed0" / "log.txt"
@@ -435,7 +435,7 @@ def test_full_disk_writing_shards_is_one_line_and_leaves_nothing(weak_set, small
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one(small_disk, tmp_path):
     """The disk fills up between two checkpoints: the second save fails naming its file, the
     first stays loadable, no temp file is left, and the run resumes once there is room."""
-    from test_engine import make_loader, new_model, solver_cfg, train_cfg
+    from toy_training import make_loader, new_model, solver_cfg, train_cfg
 
     from predet.engine.trainer import train
     from predet.errors import DiskFull

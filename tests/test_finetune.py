@@ -156,7 +156,6 @@ def test_cli_finetune_eval_export_end_to_end(fashiondet_tiny, pretrain_checkpoin
     assert "STRIDE_IN_1X1: false" in fragment and "model_final-mask_rcnn-detectron2.pkl" in fragment
 
 
-
 def test_finetune_resume_equals_uninterrupted(fashiondet_tiny, pretrain_checkpoint, tmp_path, monkeypatch):
     def cfg(run, *extra):
         return load_finetune_config(CPU_FINETUNE_CONFIG,
@@ -216,7 +215,7 @@ def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, caps
 
 
 def test_files_follow_the_umask(tmp_path):
-    from predet.checkpoint.io import atomic_write
+    from predet.checkpoint.atomic import atomic_write
     from predet.evaluation.coco import write_results_json
 
     old = os.umask(0o027)

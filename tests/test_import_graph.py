@@ -72,4 +72,40 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle_and_the_graph_holds_deferred_imports():
     assert find_cycle({"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}}) == ["p.a", "p.b", "p.c", "p.a"]
     assert find_cycle({"p.a": {"p.b"}, "p.b": set()}) is None
-    assert "predet.engine.runfolder" in import_graph()["predet.tools.sweep"]  # imported inside sweep()
+    assert "predet.engine.runfolder" in import_graph()["predet.tools.sweep.run"]  # imported inside sweep()
+
+
+# The layers data flows through, first to last (README "Code map"): a module may import its own
+# layer and those before it, never a later one. A module belongs to the longest prefix that
+# names it: ``checkpoint.atomic`` and ``engine.distributed`` are foundations, ``checkpoint.io``
+# sits with the data it saves, and the rest of ``checkpoint`` (formats, transfer, export) comes
+# after the models and the loop.
+LAYERS = [
+    ("predet", "predet.errors", "predet.config", "predet.checkpoint.atomic", "predet.engine.distributed"),
+    ("predet.checkpoint.io", "predet.data"),
+    ("predet.modeling",),
+    ("predet.engine",),
+    ("predet.checkpoint",),
+    ("predet.evaluation",),
+    ("predet.pretrain", "predet.finetune"),
+    ("predet.tools",),
+    ("predet.cli", "predet.__main__"),
+]
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(p), i) for i, prefixes in enumerate(LAYERS) for p in prefixes
+               if module == p or module.startswith(p + ".")]
+    return max(matches)[1]
+
+
+def test_imports_run_from_the_first_layer_to_the_last():
+    late = [f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+            for m, deps in sorted(import_graph().items()) for d in sorted(deps) if layer_of(d) > layer_of(m)]
+    assert not late, "imports against the layers:\n" + "\n".join(late)
+
+
+def test_the_layer_check_sees_a_late_import():
+    assert layer_of("predet.checkpoint.atomic") < layer_of("predet.data.coco") < layer_of("predet.modeling.detectors")
+    assert layer_of("predet.engine.trainer") < layer_of("predet.checkpoint.transfer") < layer_of("predet.tools.sweep.run")
+    assert layer_of("predet.tools.report") > layer_of("predet.evaluation.pretext")  # report may import pretext, not back

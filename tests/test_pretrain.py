@@ -47,7 +47,6 @@ def test_training_lowers_the_loss(weak_set, tmp_path):
     assert ckpt["extra_state"]["vocab"] == json.loads((weak_set / "vocab.json").read_text())
 
 
-
 def test_stopped_and_resumed_run_equals_uninterrupted_run(weak_set, tmp_path, monkeypatch):
     straight = pretrain(tiny_pretrain_config(weak_set, tmp_path / "straight", 30))
     import predet.pretrain as pretrain_module

@@ -145,7 +145,8 @@ def cmd_data_shards(args) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from predet.tools.sweep import parse_grid_args, sweep
+    from predet.tools.sweep.grid import parse_grid_args
+    from predet.tools.sweep.run import sweep
 
     summary = sweep(args.config, parse_grid_args(args.grid), seeds=args.seeds, metric=args.metric,
                     out_dir=args.out, overrides=args.overrides, launcher=args.launcher, nproc=args.nproc,

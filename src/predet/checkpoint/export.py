@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from predet.checkpoint.io import atomic_write, load_checkpoint
+from predet.checkpoint.atomic import atomic_write
+from predet.checkpoint.io import load_checkpoint
 from predet.checkpoint.renames import infer_arch, to_detectron2
 from predet.checkpoint.transfer import load_init_weights
 from predet.config.finetune import DetectorConfig

@@ -33,11 +33,13 @@ _NUMPY_GLOBALS = {
     ("_codecs", "encode"),
 }
 
+
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """The only ``_codecs.encode`` a weight pickle needs; other codecs are refused."""
     if encoding != "latin1":
         raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
     return text.encode("latin1")
+
 
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles NumPy arrays, dtypes and scalars, (ordered) dicts and plain containers only.
@@ -65,10 +67,12 @@ class RestrictedUnpickler(pickle.Unpickler):
             module = "numpy._core." + module[len("numpy.core."):]  # NumPy 2 name, no deprecation warning
         return getattr(importlib.import_module(module), name)
 
+
 def load_pickle_weights(path: str | Path):
     """Load a ``.pkl`` weight file through :class:`RestrictedUnpickler`."""
     with open(path, "rb") as f:
         return RestrictedUnpickler(f, path).load()
+
 
 def read_weight_file(path: str | Path):
     """The raw object in a weight file, read by a loader that cannot run code."""
@@ -84,12 +88,14 @@ def read_weight_file(path: str | Path):
         return load_pickle_weights(path)
     return load_checkpoint(path, map_location="cpu")
 
+
 def _as_tensor(value):
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
         return torch.from_numpy(np.array(value, copy=True))
     return None
+
 
 def flat_state_dict(obj, path) -> tuple[dict[str, torch.Tensor], str | None]:
     """(tensors by name, checkpoint kind) from the usual wrappers: model / state_dict / blobs."""
@@ -110,10 +116,12 @@ def flat_state_dict(obj, path) -> tuple[dict[str, torch.Tensor], str | None]:
             state[name] = tensor
     return state, kind
 
+
 # Component names that wrap a ResNet/RegNet in self-supervised and DDP releases.
 _WRAPPERS = {"module", "encoder", "encoder_q", "base_encoder", "model", "backbone", "trunk"}
 
 _BACKBONE_ROOTS = ("conv1.weight", "stem.0.weight")
+
 
 def backbone_prefix(keys) -> str | None:
     """The wrapper prefix in front of a classification backbone (``module.encoder_q.``), or None."""
@@ -125,6 +133,7 @@ def backbone_prefix(keys) -> str | None:
                 if all(part in _WRAPPERS for part in prefix.split(".")[:-1]):
                     found.append(prefix)
     return min(found, key=len) if found else None
+
 
 def detect_format(state: dict, kind: str | None) -> str:
     keys = list(state)
@@ -139,6 +148,7 @@ def detect_format(state: dict, kind: str | None) -> str:
     if backbone_prefix(keys) is not None:
         return "backbone"
     return "unknown"
+
 
 FORMAT_NAMES = {
     "predet": "PreDet pre-training checkpoint",

@@ -8,18 +8,17 @@ only: a checkpoint is data, and a file that carries pickled code is refused. Eve
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from predet.checkpoint.atomic import atomic_write
 from predet.engine.distributed import is_main_process, unwrap_model
-from predet.errors import CheckpointError, InputNotFound, disk_full, is_disk_full
+from predet.errors import CheckpointError, InputNotFound
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 CHECKPOINT_GLOB = "checkpoint_*.pth"
@@ -27,56 +26,6 @@ CHECKPOINT_GLOB = "checkpoint_*.pth"
 
 class RefusedCheckpoint(CheckpointError, pickle.UnpicklingError):
     """A checkpoint that holds pickled objects other than tensors and plain containers."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable; not every platform allows opening a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process umask: the permissions ``open()`` gives a new file (mkstemp
-    makes its files 0600, which would hide results and checkpoints from a user's group)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, then atomically rename it.
-
-    On any failure the temp file is removed and ``path`` keeps its previous content; a full
-    disk is reported as :class:`~predet.errors.DiskFull` naming ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, umask_mode())
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if is_disk_full(exc):
-            raise disk_full(path) from exc
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path | None:

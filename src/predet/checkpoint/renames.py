@@ -52,11 +52,13 @@ RENAMES: tuple[tuple[str, str], ...] = (
 
 _FIELD = re.compile(r"\{(\w+)(?:\*(\d+))?(?:\+(\d+|F))?\}")
 
+
 def fpn_first_level(arch: str) -> int:
     """Pyramid level of the detector's first FPN input: C2 for two-stage detectors, C3 for RetinaNet."""
     if arch not in ARCHS:
         raise ValueError(f"unknown detector {arch!r}; choose one of {', '.join(ARCHS)}")
     return 3 if arch == "retinanet" else 2
+
 
 def infer_arch(keys) -> str:
     """Guess the detector kind from torchvision state-dict keys (for files and bare state dicts)."""
@@ -66,6 +68,7 @@ def infer_arch(keys) -> str:
     if any(k.startswith(("roi_heads.mask_head.", "roi_heads.mask_predictor.")) for k in keys):
         return "mask_rcnn"
     return "faster_rcnn"
+
 
 def _compile(template: str, first: int):
     """A template -> (regex, {field: (scale, offset)}) for matching and its inverse for formatting."""
@@ -79,9 +82,11 @@ def _compile(template: str, first: int):
         pos = m.end()
     return re.compile(pattern + re.escape(template[pos:]) + r"\Z"), fields
 
+
 @lru_cache(maxsize=None)
 def _compiled_renames(first: int):
     return [(_compile(tv, first), _compile(d2, first), tv, d2) for tv, d2 in RENAMES]
+
 
 def _rename(name: str, source, target_template: str, target_fields) -> str | None:
     regex, fields = source
@@ -105,6 +110,7 @@ def _rename(name: str, source, target_template: str, target_fields) -> str | Non
 
     return _FIELD.sub(fill, target_template)
 
+
 def to_detectron2(name: str, arch: str = "mask_rcnn") -> str | None:
     """torchvision detector key -> Detectron2 key, or None when the table has no rule for it."""
     for tv, d2, _, d2_template in _compiled_renames(fpn_first_level(arch)):
@@ -112,6 +118,7 @@ def to_detectron2(name: str, arch: str = "mask_rcnn") -> str | None:
         if out is not None:
             return out
     return None
+
 
 def from_detectron2(name: str, arch: str = "mask_rcnn") -> str | None:
     """Detectron2 key -> torchvision detector key, or None (the inverse of :func:`to_detectron2`)."""
@@ -121,6 +128,7 @@ def from_detectron2(name: str, arch: str = "mask_rcnn") -> str | None:
             return out
     return None
 
+
 # Caffe2 / Detectron1 ResNet names (the MSRA ImageNet ``R-50.pkl``), as Detectron2 converts them.
 _C2_SUFFIXES = (("_bn_s", ".norm.weight"), ("_bn_b", ".norm.bias"), ("_bn_rm", ".norm.running_mean"),
                 ("_bn_riv", ".norm.running_var"), ("_w", ".weight"), ("_b", ".bias"))
@@ -128,6 +136,7 @@ _C2_SUFFIXES = (("_bn_s", ".norm.weight"), ("_bn_b", ".norm.bias"), ("_bn_rm", "
 _C2_BLOCK = re.compile(r"res(\d)_(\d+)_branch(2a|2b|2c|1)")
 
 _C2_BRANCH = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "shortcut"}
+
 
 def c2_to_detectron2(name: str) -> str | None:
     """``res2_0_branch2a_bn_s`` -> ``backbone.bottom_up.res2.0.conv1.norm.weight``; None if not ResNet."""

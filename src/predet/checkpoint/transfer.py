@@ -46,8 +46,6 @@ from predet.errors import CheckpointError, InputNotFound
 logger = logging.getLogger(__name__)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # What transfers.
 

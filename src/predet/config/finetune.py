@@ -74,10 +74,12 @@ class FinetuneDataConfig:
     repeat_factor_threshold: float = 0.0  # > 0 turns on repeat-factor sampling (LVIS: 0.001)
     flip_p: float = 0.5
 
+
 @checked(lr_mf=NON_NEGATIVE)
 @dataclass
 class OptimConfig:
     lr_mf: float = 1.0  # the mask head's lr is solver.lr x lr_mf (it is never pre-trained)
+
 
 @checked(batch_size=above(0), num_workers=NON_NEGATIVE, visualize=NON_NEGATIVE)
 @dataclass
@@ -85,6 +87,7 @@ class EvalConfig:
     batch_size: int = 2
     num_workers: int = 0  # loader workers of each rank's share of an evaluation
     visualize: int = 0  # PNGs of predictions written at the end
+
 
 @checked(init_stride_in_1x1=Check(lambda v: v.lower() in ("auto", "true", "false"), "auto, true or false"),
          init_input_format=one_of("auto", "RGB", "BGR"),
@@ -104,6 +107,7 @@ class FinetuneConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
 
 def load_finetune_config(path=None, overrides=()) -> FinetuneConfig:
     """YAML, then the preset it names (or an override names), then the overrides."""

@@ -90,6 +90,7 @@ class ModelConfig:
     # signals (benchmarks/results/fashiondet/README.md); on a CPU without bf16 units it is slower.
     head_dtype: str = "float32"
 
+
 @checked(lambda_cls=NON_NEGATIVE, lambda_rpn=NON_NEGATIVE, lambda_roi=NON_NEGATIVE, cls_loss=one_of("softmax", "bce"))
 @dataclass
 class LossConfig:
@@ -110,6 +111,7 @@ class DataConfig:
     vocab: str = ""  # optional vocab.json (a list of names); built from the data if empty
     views: ViewConfig = field(default_factory=ViewConfig)
 
+
 @checked(reference_batch=NON_NEGATIVE)
 @dataclass
 class PretrainConfig:
@@ -122,6 +124,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
 
 def load_pretrain_config(path=None, overrides=()) -> PretrainConfig:
     return load_config(PretrainConfig, path, overrides)

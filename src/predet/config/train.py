@@ -36,6 +36,7 @@ class SolverConfig:
     clip_grad_norm: float = 0.0  # 0 disables clipping
     amp: str = "none"  # "none", "bf16" (CUDA or CPU autocast) or "fp16" (with a GradScaler)
 
+
 @checked(seed=NON_NEGATIVE, batch_size=above(0), num_workers=NON_NEGATIVE, checkpoint_period=NON_NEGATIVE,
          keep_checkpoints=NON_NEGATIVE, log_period=NON_NEGATIVE, eval_period=NON_NEGATIVE,
          max_skipped_fraction=FRACTION,
@@ -62,6 +63,7 @@ class TrainConfig:
     progress: bool = True
     # Stop the run when more than this fraction of image reads fail (0.1: 10 %).
     max_skipped_fraction: float = 0.1
+
 
 RUN_ONLY_KEYS = (
     "train.resume",

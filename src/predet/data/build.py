@@ -30,6 +30,7 @@ def heldout_dataset(source: str | Path, vocab: Vocabulary, transform: Transform 
     _check_shards_exist(urls)
     return ShardSampleList(urls, vocab, transform, limit)
 
+
 def build_weak_dataset(
     source: str | Path | Sequence[str | Path],
     vocab: Vocabulary | None = None,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from predet.checkpoint.io import atomic_write
+from predet.checkpoint.atomic import atomic_write
 from predet.data.samplers import derive_seed
 from predet.errors import InputNotFound, UserError
 

@@ -95,8 +95,6 @@ class DeterministicBatchSampler(Sampler):
             yield self.batch(iteration)
 
 
-
-
 def _repeat_factors(image_labels: Sequence[Iterable[int]], threshold: float) -> torch.Tensor:
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")

@@ -64,12 +64,14 @@ def _json_labels(data: bytes, vocab: Vocabulary, where: str) -> tuple[torch.Tens
     path = meta.get("path") if isinstance(meta, dict) else None
     return vocab.encode(names), path if isinstance(path, str) else None
 
+
 def _cls_labels(data: bytes, vocab: Vocabulary, where: str) -> torch.Tensor:
     text = data.decode("utf-8", "replace").strip()
     try:
         return vocab.encode_indices(int(part) for part in text.split(",") if part.strip())
     except (ValueError, IndexError) as exc:
         raise LabelFileError(f'{where}: field "cls": {exc} (value {text!r})') from None
+
 
 def _shard_labels(raw: dict, vocab: Vocabulary, where: str) -> tuple[torch.Tensor, str | None]:
     """Labels (and stored source path, if any) from ``json`` names or ``cls`` indices.
@@ -83,7 +85,9 @@ def _shard_labels(raw: dict, vocab: Vocabulary, where: str) -> tuple[torch.Tenso
     fields = sorted(k for k in raw if not k.startswith("__"))
     raise LabelFileError(f'{where}: no labels: expected a "json" or "cls" entry, found {fields}')
 
+
 DAMAGED = "__damaged_shard__"  # the stream item that stands for the unread rest of a shard
+
 
 def _shard_samples(url: str) -> Iterator[dict]:
     """The samples of one shard; if it is truncated or corrupt, the samples before the damage,
@@ -106,6 +110,7 @@ def _shard_samples(url: str) -> Iterator[dict]:
         yield {DAMAGED: url, "__url__": url, "reason": f"damaged shard ({type(errors[0]).__name__}: "
                f"{reason.split(' @ ')[0][:120]}); its samples after the first {n} were skipped"}
 
+
 def _decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int, shards: int = 0) -> dict:
     if DAMAGED in raw:
         return {**_skipped(raw[DAMAGED], raw["reason"]), "shards": shards}
@@ -122,6 +127,7 @@ def _decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int, sha
         return _skipped(path, f"{reason} ({where})")
     return _make_sample(path, labels, image, transform, seed)
 
+
 def urls_of_stream(urls: Sequence[str], seed: int, epoch: int, rank: int, world_size: int, stream: int,
                    streams: int) -> list[str]:
     """The shards one loader stream reads in a pass: shuffled by (seed, epoch), then split by
@@ -129,6 +135,7 @@ def urls_of_stream(urls: Sequence[str], seed: int, epoch: int, rank: int, world_
     urls = list(urls)
     random.Random(derive_seed("shards", seed, epoch)).shuffle(urls)
     return urls[rank::world_size][stream::streams]
+
 
 class WeakShardDataset(IterableDataset):
     """Stream of weak samples from WebDataset shards.
@@ -222,6 +229,7 @@ class WeakShardDataset(IterableDataset):
             if not self.repeat or n == start:
                 return
 
+
 class ShardSampleList(Dataset):
     """The first ``limit`` samples of some shards (in shard order), kept as their encoded bytes and
     decoded when read: a bounded held-out set from a shard pattern that a map-style loader
@@ -239,6 +247,7 @@ class ShardSampleList(Dataset):
         index, seed = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), int(key))
         return _decode_shard_sample(self.raw[index], self.vocab, self.transform, seed)
 
+
 def weak_webdataset(
     urls: str | Sequence[str],
     vocab: Vocabulary,
@@ -251,8 +260,10 @@ def weak_webdataset(
     """Weak samples from shards (a list, a brace pattern, a glob or a directory)."""
     return WeakShardDataset(expand_shards(urls), vocab, transform, seed, shuffle, repeat)
 
+
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
+
 
 def expand_shards(source: str | Path | Sequence[str | Path]) -> list[str]:
     """Shard URLs from a list, a ``{000..009}`` brace pattern, a glob or a directory."""
@@ -273,6 +284,7 @@ def expand_shards(source: str | Path | Sequence[str | Path]) -> list[str]:
         return urls
     return [source]
 
+
 def _check_shards_exist(urls: Sequence[str]) -> None:
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
@@ -280,6 +292,7 @@ def _check_shards_exist(urls: Sequence[str]) -> None:
         shown = ", ".join(missing[:3])
         raise InputNotFound(f"{len(missing)} shard(s) not found: {shown}{more} (data.train: a "
                             "labels.jsonl, a shard pattern or a folder of .tar shards)")
+
 
 def _shard_vocab(urls: Sequence[str], vocab: Vocabulary | None) -> Vocabulary:
     if vocab is not None:
@@ -293,6 +306,7 @@ def _shard_vocab(urls: Sequence[str], vocab: Vocabulary | None) -> Vocabulary:
         "be fixed up front: put a vocab.json (JSON list of names) next to the shards "
         "(write_webdataset_shards does) or pass vocab="
     )
+
 
 def write_webdataset_shards(
     labels_file: str | Path,
@@ -351,6 +365,7 @@ def write_webdataset_shards(
             shutil.rmtree(out_dir, ignore_errors=True)
         raise InputNotFound(f"{labels_file}: none of the listed images exist; nothing written")
     return written
+
 
 def _write_shards(records: list[WeakRecord], root: Path, out_dir: Path, shard_size: int,
                   written: list[str]) -> list[str]:

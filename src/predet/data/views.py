@@ -267,6 +267,7 @@ def collate_two_view(samples: list[dict], colour_in_loader: bool = False,
             out["crpn_pos"], out["crpn_neg"] = crpn_sampler(out["b2"], [s["seed"] for s in kept])
     return out
 
+
 def collate_images(samples: list[dict]) -> dict:
     """Whole images with their tags (the weak-label mAP's batches)."""
     batch = collate_weak(samples)

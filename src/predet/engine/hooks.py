@@ -83,6 +83,7 @@ def rng_preserved():
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
 
+
 def call_hooks(hooks: Iterable[Any], name: str, trainer) -> None:
     for hook in hooks:
         fn = getattr(hook, name, None)

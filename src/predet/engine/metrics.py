@@ -16,7 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from predet.checkpoint.io import atomic_write
+from predet.checkpoint.atomic import atomic_write
 from predet.config import SolverConfig, flatten
 from predet.engine.distributed import all_reduce_mean
 from predet.engine.optim import lr_at
@@ -187,6 +187,7 @@ class Meters:
         out["images_per_s"] = self.images.avg / t if self.iter_time.count and t > 0 else math.nan
         return out
 
+
 def summarize(meters: Meters, world_size: int) -> dict[str, Any]:
     """Smoothed values averaged over ranks (a collective: every rank must call it)."""
     flat = all_reduce_mean(meters.localsummarize())
@@ -194,6 +195,7 @@ def summarize(meters: Meters, world_size: int) -> dict[str, Any]:
     metrics = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("metrics/")}
     return {"losses": losses, "metrics": metrics, "time": flat["time"],
             "data_time": flat["data_time"], "images_per_s": flat["images_per_s"] * world_size}
+
 
 def metrics_record(iteration: int, max_iters: int, solver: SolverConfig, summary: dict) -> dict:
     eta = summary["time"] * (max_iters - iteration) if math.isfinite(summary["time"]) else None
@@ -209,6 +211,7 @@ def metrics_record(iteration: int, max_iters: int, solver: SolverConfig, summary
         "timestamp": time.time(),
     }
 
+
 def progress_postfix(meters: Meters, lr: float) -> dict[str, str]:
     post = {k.removeprefix("loss_") if k != "total_loss" else "loss": f"{m.median:.4g}"
             for k, m in meters.losses.items()}
@@ -217,6 +220,7 @@ def progress_postfix(meters: Meters, lr: float) -> dict[str, str]:
         post["img/s"] = f"{meters.images.avg / t:.1f}"
     post["lr"] = f"{lr:.3g}"
     return post
+
 
 def log_line(record: dict, max_iters: int) -> str:
     losses = "  ".join(f"{k} {v:.4g}" for k, v in record["losses"].items())

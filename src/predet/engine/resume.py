@@ -31,8 +31,10 @@ RESUME_IGNORED_KEYS = RUN_ONLY_KEYS
 
 RESUME_GROWABLE_KEYS = ("solver.max_iters",)
 
+
 class ResumeError(UserError):
     """The run directory holds a checkpoint of a differently configured run."""
+
 
 def plain(obj: Any) -> Any:
     """Config-like data as YAML- and weights_only-safe builtins (tuples -> lists, Path -> str)."""
@@ -48,8 +50,10 @@ def plain(obj: Any) -> Any:
         return obj.tolist()
     return obj
 
+
 def _key_in(key: str, names: Iterable[str]) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
+
 
 def config_differences(saved: Mapping, current: Mapping) -> list[str]:
     """Human-readable differences between two config dicts that forbid resuming."""
@@ -68,9 +72,11 @@ def config_differences(saved: Mapping, current: Mapping) -> list[str]:
         diffs.append(f"{key}: saved {_short(old)}, now {_short(new)}")
     return diffs
 
+
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def _load_newest_loadable(run_dir: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint of ``run_dir`` that loads; damaged newer ones are named and
@@ -99,6 +105,7 @@ def _load_newest_loadable(run_dir: Path) -> tuple[Path, dict] | None:
         f"{run_dir} holds {len(candidates)} checkpoint(s) and none loads ({'; '.join(problems)}); "
         "refusing to start over on top of them: move them away or use a new train.run_dir")
 
+
 def load_resume_checkpoint(run_dir: Path, config_dict: dict,
                             extra_state: dict) -> tuple[Path, dict] | None:
     """The newest loadable checkpoint of ``run_dir``, after checking it is this run's."""
@@ -118,6 +125,7 @@ def load_resume_checkpoint(run_dir: Path, config_dict: dict,
         )
     return path, ckpt
 
+
 def restore_training_state(ckpt: dict, optimizer, scheduler, scaler, solver: SolverConfig) -> None:
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -126,6 +134,7 @@ def restore_training_state(ckpt: dict, optimizer, scheduler, scaler, solver: Sol
         group["lr"] = base * lr_factor(scheduler.last_epoch, solver)
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
+
 
 def restore_rank_rng(rng_states: list | None, rank: int, world_size: int) -> None:
     if rng_states is None:

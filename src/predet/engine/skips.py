@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from predet.checkpoint.io import atomic_write
+from predet.checkpoint.atomic import atomic_write
 from predet.engine.distributed import (
     all_gather_object,
     all_reduce_sum_ints,
@@ -20,11 +20,13 @@ from predet.errors import DataError
 # The skipped-image fraction is judged once this many images were read (or at the end).
 MIN_READS_TO_JUDGE = 100
 
+
 def write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
     """``skipped.jsonl`` when there is something to list (or an older list to bring up to date)."""
     if is_main_process() and (skipped or (run_dir / "skipped.jsonl").exists()):
         atomic_write(run_dir / "skipped.jsonl", lambda f: f.writelines(
             json.dumps({"path": p, "reason": r}) + "\n" for p, r in skipped.items()), mode="w")
+
 
 class SkipLedger:
     """What could not be read, over all ranks: unreadable images (with the image reads, to

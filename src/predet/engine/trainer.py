@@ -32,8 +32,8 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from predet.checkpoint.atomic import atomic_write
 from predet.checkpoint.io import (
-    atomic_write,
     capture_rng_state,
     latest_checkpoint,
     prune_checkpoints,
@@ -97,14 +97,17 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     final_model: Path | None = None
 
+
 def seed_everything(seed: int) -> None:
     """Seed python, NumPy and torch (all devices) so a run is repeatable."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
+
 def default_config_dict(solver: SolverConfig, cfg: TrainConfig) -> dict:
     return {"solver": asdict(solver), "train": asdict(cfg)}
+
 
 def _next_batch(data_iter: Iterator, make_loader: Callable, iteration: int) -> tuple[Any, Iterator]:
     """Next batch; an exhausted (epoch-style) loader is restarted at the current iteration."""
@@ -116,6 +119,7 @@ def _next_batch(data_iter: Iterator, make_loader: Callable, iteration: int) -> t
             return next(data_iter), data_iter
         except StopIteration:
             raise RuntimeError(f"make_loader({iteration}) yielded no batch") from None
+
 
 def _split_outputs(out: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Model outputs -> (losses: keys starting with "loss", metrics: other scalar entries)."""
@@ -135,12 +139,14 @@ def _split_outputs(out: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
         raise ValueError(f"model.forward(batch) returned no 'loss*' key (keys: {sorted(out)})")
     return losses, metrics
 
+
 def _warn_uncovered(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     covered = {id(p) for g in optimizer.param_groups for p in g["params"]}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     if missing:
         logger.warning("%d trainable parameters are in no param group and will not be trained: %s",
                        len(missing), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+
 
 def check_train_config(cfg: TrainConfig) -> None:
     """Settings that would crash later or silently do nothing, refused before any output."""
@@ -153,6 +159,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.max_skipped_fraction <= 1.0:
         raise ConfigError(f"train.max_skipped_fraction={cfg.max_skipped_fraction}: must be in [0, 1]")
 
+
 def _prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device,
                    world_size: int) -> nn.Module:
     """Move to ``device`` and, when asked and possible, convert BatchNorm to SyncBatchNorm."""
@@ -162,6 +169,7 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device,
             return nn.SyncBatchNorm.convert_sync_batchnorm(model)
         logger.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA tensors (on %s)", device)
     return model
+
 
 def train_step(model: nn.Module, batch: Any, optimizer, scheduler, scaler,
                 amp_dtype: torch.dtype | None, clip_grad_norm: float,
@@ -200,6 +208,7 @@ def train_step(model: nn.Module, batch: Any, optimizer, scheduler, scaler,
     scaler.update()
     scheduler.step()
     return loss_values, dict(zip(metrics, values[len(loss_names):])), grad_norm
+
 
 def _unpack_batch(batch: Any, default_images: int) -> tuple[Any, int, list[list[str]], list[list]]:
     """(batch for the model, images in it, [path, reason] of images the dataset skipped,

@@ -20,7 +20,7 @@ import numpy as np
 from faster_coco_eval import COCO as FasterCOCO
 from faster_coco_eval import COCOeval_faster
 
-from predet.checkpoint.io import atomic_write
+from predet.checkpoint.atomic import atomic_write
 from predet.engine.distributed import (
     broadcast_from_main,
     is_main_process,
@@ -32,8 +32,6 @@ LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
 LVIS_MAX_DETS = 300
 # faster-coco-eval's names for LVIS_KEYS
 LVIS_STATS = ("AP_all", "AP_50", "AP_75", "AP_small", "AP_medium", "AP_large", "APr", "APc", "APf")
-PRED_COLOR = "red"
-TRUE_COLOR = "lime"
 
 
 # --------------------------------------------------------------------------- results format

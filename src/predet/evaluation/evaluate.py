@@ -29,6 +29,7 @@ def evaluate(detector, dataset, cfg: FinetuneConfig, device, progress: bool = Fa
     return evaluate_dataset_full(detector, dataset, device, cfg.eval.batch_size, cfg.eval.num_workers,
                                  progress=progress)
 
+
 class PeriodicEvaluation:
     """Evaluates on the validation split every ``period`` iterations, on every rank (each runs its
     share of the images): metrics and per-category AP to evals.jsonl, detections to
@@ -49,6 +50,7 @@ class PeriodicEvaluation:
         state.writer.write({"iteration": state.iteration, **{f"val/{k}": v for k, v in metrics.items()}})
         state.metrics.update({f"val/{k}": v for k, v in metrics.items()})
 
+
 def record_evaluation(run_dir: Path, iteration: int, split: str, metrics: dict,
                       per_category: list[dict] | None = None) -> None:
     """One line per evaluation: the AP-against-iterations curve the reports plot."""
@@ -57,6 +59,7 @@ def record_evaluation(run_dir: Path, iteration: int, split: str, metrics: dict,
         record["per_category"] = per_category
     with open(Path(run_dir) / "evals.jsonl", "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
 
 def evaluate_checkpoint(checkpoint, data: str, images: str = "", kind: str = "", device: str = "auto",
                         batch_size: int = 2, visualize_n: int = 0, out_dir: str | Path | None = None,

@@ -23,14 +23,6 @@ from predet.engine.distributed import (
 )
 from predet.engine.preemption import ignore_ctrl_c
 
-COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
-LVIS_MAX_DETS = 300
-# faster-coco-eval's names for LVIS_KEYS
-LVIS_STATS = ("AP_all", "AP_50", "AP_75", "AP_small", "AP_medium", "AP_large", "APr", "APc", "APf")
-PRED_COLOR = "red"
-TRUE_COLOR = "lime"
-
 
 def _encode_masks(masks: torch.Tensor) -> list[dict]:
     """Compressed RLE per mask, counts as str so the results can go straight into JSON."""
@@ -73,7 +65,6 @@ def predictions_to_results(
     return results
 
 
-
 def base_dataset(dataset):
     """The dataset that carries ``cat_ids`` / ``coco`` / ``lvis``, under any Subset wrappers."""
     while not hasattr(dataset, "cat_ids") and hasattr(dataset, "dataset"):
@@ -82,9 +73,11 @@ def base_dataset(dataset):
         raise AttributeError(f"{type(dataset).__name__} has no cat_ids")
     return dataset
 
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
 
 @dataclass
 class _Inference:
@@ -92,6 +85,7 @@ class _Inference:
     image_ids: list[int] = field(default_factory=list)
     has_masks: bool = False
     stats: dict = field(default_factory=dict)
+
 
 @contextlib.contextmanager
 def eval_mode(model):
@@ -103,6 +97,7 @@ def eval_mode(model):
         yield
     finally:
         model.train(was_training)
+
 
 def _run_batches(model, batches, device, cat_ids, progress: bool, total: int | None = None) -> list[tuple]:
     """(results, image ids, masks came out) of each batch, in the order the loader gives them."""
@@ -117,6 +112,7 @@ def _run_batches(model, batches, device, cat_ids, progress: bool, total: int | N
                     any("masks" in output for output in outputs)))
     return out
 
+
 def _merge(parts: list[tuple], seconds: float) -> _Inference:
     run = _Inference()
     for results, ids, masks in parts:
@@ -126,6 +122,7 @@ def _merge(parts: list[tuple], seconds: float) -> _Inference:
     n = len(run.image_ids)
     run.stats = {"images": n, "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else 0.0}
     return run
+
 
 @torch.no_grad()
 def _infer(model, loader, device, progress: bool) -> _Inference:
@@ -141,6 +138,7 @@ def _infer(model, loader, device, progress: bool) -> _Inference:
         seconds = time.perf_counter() - start
     return _merge(parts, seconds)
 
+
 def run_inference(model, loader, device, progress: bool = True) -> tuple[list[dict], dict]:
     """Detections for every image of ``loader`` in COCO results format, plus throughput
     (``images``, ``seconds``, ``images_per_s``; the time includes data loading). The model
@@ -148,11 +146,13 @@ def run_inference(model, loader, device, progress: bool = True) -> tuple[list[di
     run = _infer(model, loader, device, progress)
     return run.results, run.stats
 
+
 def shard_batches(num_items: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """The fixed batches of a pass over ``num_items`` items that this rank runs: batch k on
     rank k % world_size. Every image is then run in the same batch (the same padding) as in one
     process, so the detections, and the scores, are the same for any number of processes."""
     return list(range(rank, math.ceil(num_items / batch_size), world_size))
+
 
 @torch.no_grad()
 def inference_on_dataset(model, dataset, device="cpu", batch_size: int = 2, num_workers: int = 0,

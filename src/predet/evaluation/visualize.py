@@ -13,11 +13,6 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from predet.evaluation.inference import base_dataset, eval_mode
 
-COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-LVIS_KEYS = COCO_KEYS + ("APr", "APc", "APf")
-LVIS_MAX_DETS = 300
-# faster-coco-eval's names for LVIS_KEYS
-LVIS_STATS = ("AP_all", "AP_50", "AP_75", "AP_small", "AP_medium", "AP_large", "APr", "APc", "APf")
 PRED_COLOR = "red"
 TRUE_COLOR = "lime"
 
@@ -27,11 +22,14 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
         return image.cpu()
     return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
 
+
 def _label_text(label: int, category_names: Sequence[str]) -> str:
     return category_names[label - 1] if 1 <= label <= len(category_names) else str(label)
 
+
 def _cpu(tensor):
     return None if tensor is None else tensor.detach().cpu()
+
 
 def _draw(canvas, boxes, labels, masks, color, width):
     """Masks first, boxes over them, so the labels stay readable."""
@@ -40,6 +38,7 @@ def _draw(canvas, boxes, labels, masks, color, width):
     if masks is not None and len(masks):
         canvas = draw_segmentation_masks(canvas, masks.bool(), alpha=0.4, colors=color)
     return draw_bounding_boxes(canvas, boxes.float(), labels=labels, colors=color, width=width)
+
 
 def draw_detections(
     image: torch.Tensor, prediction: dict, target: dict | None, category_names: Sequence[str],
@@ -61,6 +60,7 @@ def draw_detections(
         masks = masks.detach().cpu()[keep][:, 0] > 0.5
     canvas = _draw(canvas, boxes, labels, masks, PRED_COLOR, width=2)
     return to_pil_image(canvas)
+
 
 @torch.no_grad()
 def visualize(

@@ -201,6 +201,7 @@ def load_detector(checkpoint: str | Path):
     """A fine-tuned detector and its training config, from a checkpoint of ``predet finetune``."""
     return detector_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
 
+
 def detector_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint"):
     """``load_detector`` for a checkpoint already read (so callers read the file once)."""
     if ckpt.get("extra_state", {}).get("kind") != "predet_finetune":

@@ -1,7 +1,7 @@
 """``predet demo`` / ``make demo``: the whole pipeline on FashionDet, on a CPU.
 
 FashionDet data -> PreDet pre-training on the weak set (the recipe) -> Mask R-CNN fine-tuning on
-a low-data split from that checkpoint and from scratch, at the same budget and over two seeds
+a low-data split from that checkpoint and from scratch, at the same budget and over four seeds
 each -> a table, a plot of AP against fine-tuning iterations, and the gap between the two beside
 its own seed noise. Every step resumes, so an interrupted demo picks up where it stopped.
 """
@@ -9,6 +9,7 @@ its own seed noise. Every step resumes, so an interrupted demo picks up where it
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,12 @@ BENCHMARK_FINETUNE_CUTS = ["schedule_scale=0.000833333", "model.box_batch_size_p
 
 # "small" is the recipe: the shipped CPU pre-training config in full (800 iterations: at 200 the
 # demo's one-seed gap was inside seed noise and once reversed), then fine-tuning cut like the
-# benchmark's 1x, two seeds per initialisation run side by side (one thread each) so the printed
-# gap comes with its noise. About 22 minutes on 2 cores from a fresh clone, set-up included
-# (README). "tiny" shrinks everything to a smoke test.
+# benchmark's 1x, four seeds per initialisation, two at a time side by side (one thread each),
+# so the printed gap comes with a noise estimate four runs can give (two gave stds of 0.1 to
+# 1.6 on the same arm). About 20 minutes on 2 cores from a fresh clone, set-up included (README).
+# "tiny" shrinks everything to a smoke test.
 PROFILES = {
-    "small": {"pretrain": ["train.eval_period=200"], "finetune": BENCHMARK_FINETUNE_CUTS, "seeds": 2},
+    "small": {"pretrain": ["train.eval_period=200"], "finetune": BENCHMARK_FINETUNE_CUTS, "seeds": 4},
     "tiny": {
         "pretrain": [
             "data.views.size=64", "data.views.num_queries=4", "data.views.min_query_px=6",
@@ -67,7 +69,7 @@ class DemoResult:
 def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/fashiondet", size: str = "small",
              seed: int = 0, progress: bool = True) -> DemoResult:
     """Run (or resume) the demo; returns the printed table, the payoff lines and the plot's path."""
-    from predet.tools.sweep import sweep
+    from predet.tools.sweep.run import sweep
 
     if size not in PROFILES:
         raise ValueError(f"demo size must be one of {sorted(PROFILES)}, got {size!r}")
@@ -94,11 +96,12 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/fashiondet"
     for step, (name, init) in enumerate((("predet", pretrain_dir / "checkpoints" / "model_final.pth"),
                                          ("scratch", "scratch")), start=2):
         run_dir = out / "finetune" / name
-        logger.info("step %d/3: fine-tuning Mask R-CNN from %s, %d seeds side by side (logs: %s/base/seed*/log.txt)",
-                    step, init, seeds, run_dir)
+        jobs = min(seeds, os.cpu_count() or 1)
+        logger.info("step %d/3: fine-tuning Mask R-CNN from %s, %d seeds, %d at a time (logs: %s/base/seed*/log.txt)",
+                    step, init, seeds, jobs, run_dir)
         # one process per seed, the cores shared out between them: two one-thread runs on two
         # cores finish sooner than two two-thread runs one after the other
-        summaries[name] = sweep(FINETUNE_CONFIG, {}, seeds=seeds, out_dir=run_dir, jobs=seeds,
+        summaries[name] = sweep(FINETUNE_CONFIG, {}, seeds=seeds, out_dir=run_dir, jobs=jobs,
                                 overrides=[f"init={init}", *data_overrides, "train.progress=false",
                                            *profile["finetune"]],
                                 echo=lambda line, name=name: logger.info("%s: %s", name, line))
@@ -118,7 +121,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/fashiondet"
 def payoff_lines(predet: dict, scratch: dict) -> str:
     """PreDet against scratch on val, box and mask AP: each arm's mean ± std over its seeds, the
     gap, twice the larger std, and whether the gap is beyond that noise (``seed_gap``)."""
-    from predet.tools.sweep import seed_gap
+    from predet.tools.stats import seed_gap
 
     def stats(summary: dict, metric: str) -> dict | None:
         settings = summary.get("settings") or [{}]

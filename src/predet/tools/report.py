@@ -21,7 +21,8 @@ from typing import Iterable
 import yaml
 
 from predet.config import RUN_ONLY_KEYS, flatten, paper_tables
-from predet.tools.sweep import mean_std, pretraining_label
+from predet.config.choices import pretraining_label
+from predet.tools.stats import mean_std
 
 # (table column suffix, results key), in the supplement's column order
 _METRICS = [("ap_bbox", "bbox/AP"), ("ap50_bbox", "bbox/AP50"), ("ap75_bbox", "bbox/AP75"),

@@ -79,7 +79,6 @@ class QueryConditionedRPN(nn.Module):
         with autocast_off(trunk):  # box deltas: float32 under autocast
             return torch.einsum("sc,sjc->sj", wide(feats), wide(w)) + wide(b)
 
-
     def ranked_deltas(self, trunk, weight, bias, anchor) -> torch.Tensor:
         """Deltas of each (image, query)'s own anchors ``anchor`` (N, Q, K): (N, Q, K, 4).
 

@@ -4,7 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "crpn_recall_by_size.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "crpn_recall_by_size.py"
 
 
 def load_script(monkeypatch):

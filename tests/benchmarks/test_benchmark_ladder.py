@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fashiondet_benchmark.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "fashiondet_benchmark.py"
 
 
 @pytest.fixture
@@ -240,7 +240,7 @@ def test_every_selection_folder_names_each_searched_key(bench, tmp_path):
     """A folder's name must say its whole searched setting: with the later stage's key left out
     of the first grid, ``lr0.04`` would mean another gamma once the config default changed."""
     lr, g = "solver.lr", "solver.gamma"
-    from predet.tools.sweep import run_name
+    from predet.tools.sweep.grid import run_name
     names = []
 
     def run_grid(grid):
@@ -258,7 +258,7 @@ def test_every_selection_folder_names_each_searched_key(bench, tmp_path):
 def test_the_wide_search_starts_where_it_first_ran_whatever_the_config_default(bench):
     """--wide pins gamma 0.1 and warm-up 1000 (the defaults it first ran from), so its folders
     name those and not the config's gamma 0.5; the default plan starts from the config."""
-    from predet.tools.sweep import run_name
+    from predet.tools.sweep.grid import run_name
     grids = []
 
     def run_grid(grid):

@@ -136,7 +136,7 @@ def test_readme_registrations_block_is_python_and_registers_what_the_fragment_na
     import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("agreement", root / "benchmarks" / "detectron2_agreement.py")
     agreement = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agreement)

@@ -14,7 +14,7 @@ from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
 
 from predet.cli import main as cli_main
 from predet.config import ConfigError, paper_tables
-from predet.tools import sweep as sweep_module
+from predet.config.choices import pretraining_label
 from predet.tools.report import (
     ap_curves,
     build_table,
@@ -22,15 +22,10 @@ from predet.tools.report import (
     format_cell,
     write_report,
 )
-from predet.tools.sweep import (
-    expand_grid,
-    parse_grid_args,
-    plan_runs,
-    pretraining_label,
-    run_name,
-    select_best,
-    sweep,
-)
+from predet.tools.sweep import launch as sweep_launch
+from predet.tools.sweep.grid import expand_grid, parse_grid_args, plan_runs, run_name
+from predet.tools.sweep.results import select_best
+from predet.tools.sweep.run import sweep
 
 PREDET_INIT = "runs/pretrain/predet_r18/checkpoints/model_final.pth"
 
@@ -267,7 +262,7 @@ def test_local_jobs_run_side_by_side_with_their_thread_budget(tmp_path, monkeypa
             envs[run_dir.parent.name] = (env or {}).get("OMP_NUM_THREADS")
         return {"returncode": 0, "seconds": 0.3, "error": ""}
 
-    monkeypatch.setattr(sweep_module, "run_command", fake_run_command)
+    monkeypatch.setattr(sweep_launch, "run_command", fake_run_command)
     summary = sweep(CPU_FINETUNE_CONFIG, {"lr": [0.01, 0.02, 0.03]}, seeds=1, out_dir=tmp_path, echo=None,
                     jobs=2, threads=1)
     (a0, a1), (b0, b1) = spans["lr0.01"], spans["lr0.02"]
@@ -275,7 +270,7 @@ def test_local_jobs_run_side_by_side_with_their_thread_budget(tmp_path, monkeypa
     assert set(envs.values()) == {"1"}
     assert [r["name"] for r in summary["runs"]] == ["lr0.01", "lr0.02", "lr0.03"]
     assert all(r["status"] == "done" for r in summary["runs"]) and summary["best"]["name"] == "lr0.03"
-    assert sweep_module.thread_env(0) is None  # one job, no --threads: the child inherits everything
+    assert sweep_launch.thread_env(0) is None  # one job, no --threads: the child inherits everything
 
 
 # ---------------------------------------------------------------- report
