@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DATA ?= data/fashiondet
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup fashion-mnist test demo bench bench-scale bench-fashiondet bench-scale-curve bench-seeds clean
+.PHONY: setup fashion-mnist test demo bench bench-scale bench-fashiondet bench-scale-curve bench-seeds bench-search bench-probe clean
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,16 @@ bench-scale-curve: setup fashion-mnist
 # settled (scratch and PreDet, 3 seeds, val AP every 150 iterations): benchmarks/results/fashiondet/seeds/.
 bench-seeds: setup fashion-mnist
 	$(BIN)/python benchmarks/fashiondet_seeds.py $(BENCH_SEEDS_FLAGS)
+
+# Successive halving against the exhaustive Table-1 grid, scratch and PreDet, 3 final seeds each
+# (issue 20): benchmarks/results/fashiondet/search/.
+bench-search: setup fashion-mnist
+	$(BIN)/python benchmarks/fashiondet_search.py $(BENCH_SEARCH_FLAGS)
+
+# The transfer probe during pre-training against full 1x fine-tuning of the same checkpoints
+# (issue 20): benchmarks/results/fashiondet/probe/.
+bench-probe: setup fashion-mnist
+	$(BIN)/python benchmarks/fashiondet_probe.py $(BENCH_PROBE_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -71,6 +71,16 @@ def tiny_pretrain_config(weak, run_dir, iters, **extra):
     return load_pretrain_config(CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides(weak, run_dir, iters, **extra))
 
 
+# The tiny fine-tuning's detector: heads sized like the tiny pre-training's, so they transfer.
+TINY_DETECTOR = {
+    "model.min_size": 96, "model.max_size": 96, "model.fpn_channels": 32, "model.box_head_dim": 64,
+    "model.mask_head_dim": 16, "model.anchor_sizes": "[8,16,32,64,128]",
+    "model.rpn_pre_nms_top_n_train": 100, "model.rpn_post_nms_top_n_train": 50,
+    "model.rpn_pre_nms_top_n_test": 100, "model.rpn_post_nms_top_n_test": 50,
+    "model.box_batch_size_per_image": 32, "model.detections_per_image": 20,
+}
+
+
 def tiny_finetune_overrides(fashiondet: Path, run_dir: Path, init: str, iters: int = 6, **extra) -> list[str]:
     """The shipped CPU fine-tuning config on the tiny build, with heads matching the tiny pre-training."""
     det = fashiondet / "det"
@@ -78,11 +88,7 @@ def tiny_finetune_overrides(fashiondet: Path, run_dir: Path, init: str, iters: i
         "init": init, "schedule": "", "data.subset": 0,
         "data.train": det / "annotations" / "train.json", "data.train_images": det / "images",
         "data.val": det / "annotations" / "val.json", "data.val_images": det / "images",
-        "model.min_size": 96, "model.max_size": 96, "model.fpn_channels": 32, "model.box_head_dim": 64,
-        "model.mask_head_dim": 16, "model.anchor_sizes": "[8,16,32,64,128]",
-        "model.rpn_pre_nms_top_n_train": 100, "model.rpn_post_nms_top_n_train": 50,
-        "model.rpn_pre_nms_top_n_test": 100, "model.rpn_post_nms_top_n_test": 50,
-        "model.box_batch_size_per_image": 32, "model.detections_per_image": 20,
+        **TINY_DETECTOR,
         "solver.max_iters": iters, "solver.warmup_iters": 2, "solver.lr": 0.01, "solver.milestones": f"[{iters - 2}]",
         "train.batch_size": 2, "train.num_workers": 0, "train.checkpoint_period": 2, "train.log_period": 1,
         "train.eval_period": 0, "train.progress": "false", "train.run_dir": run_dir, "eval.batch_size": 4,

@@ -148,11 +148,16 @@ def cmd_sweep(args) -> int:
     from predet.tools.sweep.grid import parse_grid_args
     from predet.tools.sweep.run import sweep
 
-    summary = sweep(args.config, parse_grid_args(args.grid), seeds=args.seeds, metric=args.metric,
-                    out_dir=args.out, overrides=args.overrides, launcher=args.launcher, nproc=args.nproc,
-                    slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
-                    gpus_per_node=args.gpus_per_node, jobs=args.jobs, threads=args.threads,
-                    retry_failed=args.retry_failed)
+    common = dict(seeds=args.seeds, metric=args.metric, out_dir=args.out, overrides=args.overrides,
+                  launcher=args.launcher, nproc=args.nproc, slurm_partition=args.slurm_partition,
+                  slurm_time=args.slurm_time, gpus_per_node=args.gpus_per_node, jobs=args.jobs,
+                  threads=args.threads, retry_failed=args.retry_failed)
+    if args.search == "halving":
+        from predet.tools.sweep.halving import halving
+
+        record = halving(args.config, parse_grid_args(args.grid), eta=args.eta, rungs=args.rungs, **common)
+        return 0 if record.get("best") else 1
+    summary = sweep(args.config, parse_grid_args(args.grid), **common)
     return 1 if any(r["status"] == "failed" for r in summary["runs"]) else 0
 
 
@@ -278,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-partition", default="", help="submitit: SLURM partition")
     p.add_argument("--slurm-time", type=positive_int, default=1440, help="submitit: time limit per run, minutes")
     p.add_argument("--gpus-per-node", type=positive_int, default=1, help="submitit: GPUs (and processes) per run")
+    p.add_argument("--search", default="grid", choices=["grid", "halving"],
+                   help="grid: every point x --seeds; halving: successive halving, --seeds for the winner only")
+    p.add_argument("--eta", type=positive_int, default=3, help="halving: keep 1/eta of the points per rung")
+    p.add_argument("--rungs", type=positive_int, default=3, help="halving: budgets eta^-(rungs-1) .. 1 of the schedule")
     p.add_argument("--retry-failed", action="store_true",
                    help="relaunch runs that failed on their inputs (exit 2); killed runs are always retried")
     p.set_defaults(func=cmd_sweep)

@@ -36,6 +36,7 @@ from predet.engine.runfolder import check_writable, run_folder
 from predet.engine.runlog import run_log
 from predet.engine.trainer import TrainResult, check_train_config, train
 from predet.evaluation.pretext import PretextDiagnosticsHook
+from predet.evaluation.probe import TransferProbeHook, check_probe_config
 from predet.modeling.predet.meta_arch import PreDet, crpn_target_sampler
 
 __all__ = ["PretrainConfig", "build_pretrain_loader", "build_pretrain_model", "check_pretrain_config", "load_pretrain_config", "pretrain", "read_vocab", "resolve_solver", "weight_change"]
@@ -55,6 +56,8 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
         raise ConfigError("all of loss.lambda_cls, loss.lambda_rpn, loss.lambda_roi are 0: nothing to train")
     check_solver(resolve_solver(cfg))
     check_train_config(cfg.train)
+    if cfg.probe.data:
+        check_probe_config(cfg.probe)
 
 
 def resolve_solver(cfg: PretrainConfig, world_size: int | None = None) -> SolverConfig:
@@ -124,6 +127,9 @@ def _pretrain(cfg: PretrainConfig) -> TrainResult:
         hooks.append(PretextDiagnosticsHook(pairs, collate_two_view, cfg.train.eval_period, num_pairs=d.val_pairs,
                                             images=images, collate_images=collate_images,
                                             num_workers=min(cfg.train.num_workers, 2)))
+
+    if cfg.probe.data:
+        hooks.append(TransferProbeHook(cfg.probe))
 
     if hasattr(dataset, "check_split"):
         dataset.check_split(get_world_size(), cfg.train.num_workers)

@@ -30,7 +30,7 @@ from predet.config.base import (
     validate,
 )
 from predet.config.choices import ARCHS, BACKBONES, NORMS, SCRATCH_INITS
-from predet.config.train import RUN_ONLY_KEYS, SolverConfig, TrainConfig
+from predet.config.train import RUN_ONLY_KEYS, SolverConfig, TrainConfig, run_only
 
 __all__ = [
     "ARCHS",
@@ -59,6 +59,7 @@ __all__ = [
     "load_yaml",
     "merge",
     "one_of",
+    "run_only",
     "parse_override",
     "shipped_config",
     "shipped_configs",

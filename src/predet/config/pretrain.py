@@ -112,6 +112,26 @@ class DataConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
 
 
+@checked(iters=above(0), subset=NON_NEGATIVE, period=above(0), seed=NON_NEGATIVE, threads=NON_NEGATIVE)
+@dataclass
+class ProbeConfig:
+    """A short fine-tuning of the current weights, every ``period`` iterations, on a fixed small
+    box-labelled set: is the pre-training helping yet? (``predet.evaluation.probe``)"""
+
+    data: str = ""  # COCO json of the probe's training images; empty: no probe
+    images: str = ""  # the folder its file names are relative to
+    val: str = ""  # COCO json of the fixed val split it is scored on
+    val_images: str = ""
+    config: str = "finetune/fashiondet_r18_cpu"  # the fine-tuning config a probe runs
+    overrides: list[str] = field(default_factory=list)  # more key=value for it
+    iters: int = 150  # its fine-tuning iterations; its 1x schedule's decays are placed inside them
+    subset: int = 200  # its training images (0: all of data)
+    period: int = 200  # pre-training iterations between probes (and one at the end)
+    seed: int = 0
+    threads: int = 1  # CPU threads of a probe's process (0: as many as it likes)
+    background: bool = True  # beside the pre-training; false: the run waits for each probe
+
+
 @checked(reference_batch=NON_NEGATIVE)
 @dataclass
 class PretrainConfig:
@@ -124,6 +144,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 def load_pretrain_config(path=None, overrides=()) -> PretrainConfig:

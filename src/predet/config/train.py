@@ -78,3 +78,12 @@ RUN_ONLY_KEYS = (
     "eval.num_workers",
     "eval.visualize",
 )
+# Sections that only watch a run (pre-training's transfer probe): every key under them is run-only.
+RUN_ONLY_SECTIONS = ("probe",)
+
+
+def run_only(key: str) -> bool:
+    """Whether a dotted config key says how a run is executed or watched, not what it trains
+    (matched as a dotted suffix, or as a key under a watching section)."""
+    return (any(key == n or key.endswith("." + n) for n in RUN_ONLY_KEYS)
+            or key.split(".", 1)[0] in RUN_ONLY_SECTIONS)

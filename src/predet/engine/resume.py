@@ -18,16 +18,15 @@ from predet.checkpoint.io import (
     load_checkpoint,
     restore_rng_state,
 )
-from predet.config import RUN_ONLY_KEYS, SolverConfig, flatten
+from predet.config import SolverConfig, flatten, run_only
 from predet.engine.optim import lr_factor
 from predet.errors import CheckpointError, UserError
 
 logger = logging.getLogger("predet.engine")
 
 
-# Keys (matched as a dotted suffix) that may change between a run and its resumption: they
+# Run-only keys (``predet.config.run_only``) may change between a run and its resumption: they
 # do not change what is trained. ``solver.max_iters`` may also grow (checked separately).
-RESUME_IGNORED_KEYS = RUN_ONLY_KEYS
 
 RESUME_GROWABLE_KEYS = ("solver.max_iters",)
 
@@ -61,7 +60,7 @@ def config_differences(saved: Mapping, current: Mapping) -> list[str]:
     missing = "<absent>"
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if _key_in(key, RESUME_IGNORED_KEYS):
+        if run_only(key):
             continue
         old, new = a.get(key, missing), b.get(key, missing)
         if old == new:

@@ -119,9 +119,11 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/fashiondet"
 
 
 def payoff_lines(predet: dict, scratch: dict) -> str:
-    """PreDet against scratch on val, box and mask AP: each arm's mean ± std over its seeds, the
-    gap, twice the larger std, and whether the gap is beyond that noise (``seed_gap``)."""
-    from predet.tools.stats import seed_gap
+    """PreDet against scratch on val, box and mask AP: each arm's mean ± sample std over its
+    seeds (the spread of one run), the gap of the means ± its standard error (the noise of the
+    gap itself, which more seeds shrink), and whether the gap is beyond two of those
+    (``predet.tools.stats.mean_gap``)."""
+    from predet.tools.stats import mean_gap
 
     def stats(summary: dict, metric: str) -> dict | None:
         settings = summary.get("settings") or [{}]
@@ -135,12 +137,13 @@ def payoff_lines(predet: dict, scratch: dict) -> str:
         return f"{entry['mean']:.1f}" + ("" if entry["std"] is None else f" ± {entry['std']:.1f}")
 
     seeds = len(predet.get("runs") or [])
-    lines = [f"PreDet vs scratch on val, mean ± sample std over {seeds} fine-tuning seeds each:"]
+    lines = [f"PreDet vs scratch on val over {seeds} fine-tuning seeds each (mean ± sample std of a run; "
+             "the gap ± its standard error):"]
     for label, metric in (("box AP ", "bbox/AP"), ("mask AP", "segm/AP")):
         a, b = stats(predet, metric), stats(scratch, metric)
-        gap = seed_gap(a, b)
+        gap = mean_gap(a, b)
         verdict = ("n/a" if gap is None else
-                   f"gap {gap['gap']:+.1f}, noise (2 std) {gap['two_std']:.1f}: "
-                   + ("PreDet wins beyond the noise" if gap["wins_by_2std"] else "inside the noise"))
+                   f"gap {gap['gap']:+.1f} ± {gap['se']:.1f}: "
+                   + ("PreDet wins beyond 2 standard errors" if gap["wins_by_2se"] else "inside 2 standard errors"))
         lines.append(f"  {label}  PreDet {cell(a)}   scratch {cell(b)}   {verdict}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from typing import Iterable
 
 import yaml
 
-from predet.config import RUN_ONLY_KEYS, flatten, paper_tables
+from predet.config import flatten, paper_tables, run_only
 from predet.config.choices import pretraining_label
 from predet.tools.stats import mean_std
 
@@ -32,8 +32,6 @@ ARCH_LABELS = {"mask_rcnn": "mask-RCNN", "faster_rcnn": "faster-RCNN", "retinane
 METRIC_LABELS = {"ap_bbox": "AP^bbox", "ap50_bbox": "AP50^bbox", "ap75_bbox": "AP75^bbox",
                  "ap_mask": "AP^mask", "ap50_mask": "AP50^mask", "ap75_mask": "AP75^mask"}
 SELECTION_METRIC = "bbox/AP"
-# Keys that differ between seeds of one setting (or between a run and its resumption).
-_RUN_ONLY_KEYS = (*RUN_ONLY_KEYS, "train.seed")
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -145,7 +143,7 @@ def collect_runs(dirs: Iterable[str | Path], labels: dict[str, str] | None = Non
             results = _read_json(run_dir / "results.json")
             init = str(config.get("init", "scratch"))
             flat = {k: v for k, v in flatten(config).items() if not isinstance(v, dict)}
-            setting = {k: v for k, v in flat.items() if k not in _RUN_ONLY_KEYS}
+            setting = {k: v for k, v in flat.items() if not run_only(k) and k != "train.seed"}  # seeds: one setting
             runs.append({
                 "run_dir": str(run_dir), "config": config, "results": results,
                 "evals": read_evals(run_dir / "evals.jsonl"),
@@ -338,7 +336,7 @@ def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -
     for label, run_dir in run_dirs.items():
         path = Path(run_dir) / "metrics.jsonl"
         if path.exists():
-            curves[label] = [r for r in read_metrics(path) if any(k.startswith("pretext/") for k in r)]
+            curves[label] = [r for r in read_metrics(path) if any(k.startswith(("pretext/", "probe/")) for k in r)]
     if not any(curves.values()):
         return None
     import matplotlib
@@ -346,7 +344,11 @@ def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PRETEXT_TITLES), figsize=(5 * len(PRETEXT_TITLES), 3.8))
+    probed = any("probe/bbox/AP" in r for records in curves.values() for r in records)
+    panels = len(PRETEXT_TITLES) + probed
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    if probed:
+        _plot_probe(axes[-1], curves)
     for ax, (signal, title) in zip(axes, PRETEXT_TITLES.items()):
         floors = FLOORS[signal]
         for i, (label, records) in enumerate(curves.items()):
@@ -363,6 +365,23 @@ def plot_pretext_curves(run_dirs: dict[str, str | Path], out_path: str | Path) -
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     return save_figure(fig, out_path, dpi=110)
+
+
+def _plot_probe(ax, curves: dict[str, list[dict]]) -> None:
+    """The transfer probe's val box AP against pre-training iterations, each run's floor (the
+    same probe from random weights) dashed."""
+    for i, (label, records) in enumerate(curves.items()):
+        points = sorted((r["iteration"], 100 * r["probe/bbox/AP"]) for r in records if "probe/bbox/AP" in r)
+        floor = [100 * r["probe/bbox/AP_scratch"] for r in records if "probe/bbox/AP_scratch" in r]
+        if points:
+            ax.plot(*zip(*points), "-", color=f"C{i}", marker="o", markersize=3, label=label)
+        if floor:
+            ax.axhline(floor[-1], color=f"C{i}", linestyle="--", label=f"{label} (probe from random weights)")
+    ax.set_title("transfer probe: val box AP (%)", fontsize=10)
+    ax.set_xlabel("pre-training iteration")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
 
 
 # --------------------------------------------------------------------------- report

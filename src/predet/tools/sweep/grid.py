@@ -157,10 +157,15 @@ def override_text(key: str, value: Any) -> str:
 
 def plan_runs(grid: dict, seeds: int, out_dir: str | Path) -> list[dict]:
     """One entry per (grid point, seed), grid point by grid point; names must be unique."""
+    return plan_points(expand_grid(grid), seeds, out_dir)
+
+
+def plan_points(points: list[dict], seeds: int, out_dir: str | Path) -> list[dict]:
+    """:func:`plan_runs` for a list of settings (a halving rung's survivors, not a product)."""
     if int(seeds) < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     runs, owner = [], {}
-    for settings in expand_grid(grid):
+    for settings in points:
         name = run_name(settings)
         if name in owner:
             raise ConfigError(f"grid points {owner[name]} and {settings} both get the run name {name!r}; "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from pathlib import Path
 
@@ -95,8 +94,5 @@ def write_summary(out_dir: Path, info: dict, rows: list[dict], metric: str) -> d
                      + [(r.get(s) or {}).get(k, "") for s in ("val", "test") for k in metric_keys[s]]
                      + [f"{r['seconds']:.0f}" if r.get("seconds") is not None else "", r["run_dir"],
                         error[-1] if error else ""])
-    tmp = out_dir / ".summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(lines)
-    os.replace(tmp, out_dir / "summary.csv")
+    atomic_write(out_dir / "summary.csv", lambda f: csv.writer(f).writerows(lines), mode="w")
     return summary

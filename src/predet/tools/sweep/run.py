@@ -26,8 +26,9 @@ from predet.config import ConfigError, parse_override
 from predet.tools.sweep.grid import (
     SHORT_KEYS,
     SWEEP_OWNED_KEYS,
+    expand_grid,
     normalize_grid,
-    plan_runs,
+    plan_points,
     run_overrides,
 )
 from predet.tools.sweep.launch import LAUNCHERS, launch_all
@@ -39,22 +40,11 @@ from predet.tools.sweep.results import (
 )
 
 FAILED_FILE = "failed.json"  # in a run folder: the run failed deterministically (exit 2)
+TIME_FILE = "sweep_time.json"  # in a run folder: the wall seconds of the launch that finished it
 USER_ERROR_EXIT = 2
 
 
-# --------------------------------------------------------------------------- grid
 
-
-# --------------------------------------------------------------------------- names
-
-
-# --------------------------------------------------------------------------- plan
-
-
-# --------------------------------------------------------------------------- launchers
-
-
-# --------------------------------------------------------------------------- results
 
 
 def _finish_row(row: dict, outcome: dict) -> dict:
@@ -63,6 +53,9 @@ def _finish_row(row: dict, outcome: dict) -> dict:
     row["returncode"], row["seconds"] = outcome.get("returncode"), outcome.get("seconds")
     if outcome.get("returncode") == 0 and results is not None:
         row.update(status="done", error="", val=results.get("val", {}), test=results.get("test", {}))
+        if row["seconds"] is not None:  # what a later call (a resumed search) reports for it
+            record = json.dumps({"seconds": row["seconds"], "resumed_from": row.get("resumed_from")}) + "\n"
+            atomic_write(Path(row["run_dir"]) / TIME_FILE, lambda f: f.write(record), mode="w")
     else:
         error = outcome.get("error") or "the run exited without writing results.json"
         row.update(status="failed", error=error)
@@ -136,6 +129,13 @@ def config_drift(run: dict, config, overrides: list[str]) -> list[str]:
         return []
 
 
+def _recorded_seconds(run_dir: Path) -> float | None:
+    try:
+        return float(json.loads((run_dir / TIME_FILE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _initial_row(run: dict, config, overrides: list[str], retry_failed: bool = False) -> dict:
     """A planned run as found on disk: finished (skipped), failed on its inputs (skipped
     unless ``retry_failed``), interrupted (to resume) or new."""
@@ -147,7 +147,7 @@ def _initial_row(run: dict, config, overrides: list[str], retry_failed: bool = F
         failed.unlink()
     if results is not None:
         row.update(status="done", skipped=True, val=results.get("val", {}), test=results.get("test", {}),
-                   drift=config_drift(run, config, overrides))
+                   drift=config_drift(run, config, overrides), seconds=_recorded_seconds(Path(run["run_dir"])))
     elif failed.is_file():
         try:
             record = json.loads(failed.read_text())
@@ -205,15 +205,17 @@ def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "
     )
 
     with run_folder(out_dir, "sweep"):
-        return _sweep(config, grid, seeds, metric, out_dir, overrides, launcher, nproc, echo,
-                      retry_failed, launcher_opts)
+        return run_points(config, expand_grid(grid), seeds, metric, out_dir, overrides, launcher, nproc, echo,
+                          retry_failed, launcher_opts, info={"grid": grid})
 
 
-def _sweep(config, grid, seeds, metric, out_dir: Path, overrides, launcher, nproc, echo,
-           retry_failed, launcher_opts) -> dict:
-    info = {"config": str(config) if config else None, "overrides": overrides, "grid": grid,
+def run_points(config, points: list[dict], seeds: int, metric: str, out_dir: Path, overrides: list[str],
+               launcher: str, nproc: int, echo, retry_failed: bool, launcher_opts: dict, info: dict) -> dict:
+    """Every setting of ``points`` x ``seeds`` in ``out_dir`` (the caller holds its lock): what
+    a sweep runs for its grid, and a halving search for each rung."""
+    info = {"config": str(config) if config else None, "overrides": overrides, **info,
             "seeds": int(seeds), "launcher": launcher, "out_dir": str(out_dir)}
-    rows = [_initial_row(run, config, overrides, retry_failed) for run in plan_runs(grid, seeds, out_dir)]
+    rows = [_initial_row(run, config, overrides, retry_failed) for run in plan_points(points, seeds, out_dir)]
     position = {id(r): i + 1 for i, r in enumerate(rows)}
     write_summary(out_dir, info, rows, metric)
     for row in rows:
