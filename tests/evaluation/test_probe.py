@@ -4,6 +4,7 @@ for a checkpoint and seed, that a resumed run logs what finished meanwhile, and 
 import json
 
 import pytest
+import yaml
 
 from helpers import CPU_FINETUNE_CONFIG, CPU_PRETRAIN_CONFIG, TINY_DETECTOR, tiny_pretrain_config
 from predet.cli import main as cli_main
@@ -34,7 +35,7 @@ def test_probes_run_every_period_and_at_the_end_beside_a_floor_and_are_determini
     for background in ("true", "false"):  # beside the run, or the run waiting: the same numbers
         run = tmp_path / background
         pretrain(tiny_pretrain_config(fashiondet_tiny / "weak", run, 5, **probe_overrides(
-            fashiondet_tiny, **{"probe.background": background})))
+            fashiondet_tiny, **{"probe.background": background, "probe.val_subset": 8})))
         records = probe_records(run)
         by_name = {r["probe"]: r for r in records}
         assert sorted(by_name) == ["iter0000002", "iter0000004", "iter0000005", "scratch"]  # period 2, the end
@@ -47,6 +48,9 @@ def test_probes_run_every_period_and_at_the_end_beside_a_floor_and_are_determini
             results = json.loads((folder / "results.json").read_text())
             assert results["val"]["bbox/AP"] == record["probe/bbox/AP"]
             assert results["solver"]["max_iters"] == 4 and results["train_data"]["images"] == 8
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+            assert config["data"]["val"] == str(run / "probe" / "val.subset8.seed0.json")  # one fixed val subset
+            assert config["model"]["freeze_at"] == 5  # probe.freeze_backbone
             assert not (folder / "init.pth").exists()  # tidied once logged
         aps[background] = {n: r.get("probe/bbox/AP", r.get("probe/bbox/AP_scratch")) for n, r in by_name.items()}
     assert aps["true"] == aps["false"]

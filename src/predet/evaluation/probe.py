@@ -4,7 +4,7 @@ The pretext signals rising is necessary, not sufficient: on FashionDet the prete
 "learned" while the checkpoint fine-tuned worse than random weights. So every ``probe.period``
 pre-training iterations the probe writes the current weights and fine-tunes a small detector
 from them for a short, fixed budget (``probe.iters`` on ``probe.subset`` images of a fixed
-box-labelled set), scored on that set's fixed val split: ``probe/bbox/AP`` in ``metrics.jsonl``
+box-labelled set), scored on a fixed subset of that set's val split (``probe.val_subset``): ``probe/bbox/AP`` in ``metrics.jsonl``
 (and TensorBoard, and the pretext plot) at the iteration of the weights. The same probe from
 random weights, run once, is the floor it must beat (``probe/bbox/AP_scratch``).
 
@@ -30,6 +30,7 @@ from predet.config.base import ConfigError
 from predet.config.finetune import load_finetune_config
 from predet.config.pretrain import ProbeConfig
 from predet.config.schedules import BASE_BATCH, ONE_X_ITERS
+from predet.data.coco_json import subset_path, write_subset
 from predet.engine.metrics import METRICS_FILE, read_metrics
 from predet.engine.processes import die_with_parent, thread_env
 from predet.errors import InputNotFound
@@ -57,14 +58,25 @@ def probe_schedule_scale(cfg: ProbeConfig) -> float:
     return cfg.iters * batch / (ONE_X_ITERS * BASE_BATCH)
 
 
-def probe_command(cfg: ProbeConfig, init: str, run_dir: Path, scale: float) -> list[str]:
+def probe_val(cfg: ProbeConfig, root: Path) -> Path:
+    """The val file a probe is scored on: ``probe.val`` or its fixed ``val_subset`` (written once
+    under ``root``; the same images for every probe of the run)."""
+    if not cfg.val_subset or len(json.loads(Path(cfg.val).read_text()).get("images", [])) <= cfg.val_subset:
+        return Path(cfg.val)
+    path = subset_path(cfg.val, cfg.val_subset, 0, root)
+    if not path.is_file():
+        write_subset(cfg.val, cfg.val_subset, 0, path)
+    return path
+
+
+def probe_command(cfg: ProbeConfig, init: str, run_dir: Path, scale: float, val: Path | None = None) -> list[str]:
     """``python -m predet finetune ...`` of one probe: the user's probe overrides come last but
     for the folder, seed and resumption, which the probe owns."""
     items = [f"init={init}", f"data.train={cfg.data}", f"data.train_images={cfg.images}",
-             f"data.val={cfg.val}", f"data.val_images={cfg.val_images}", "data.test=",
+             f"data.val={val or cfg.val}", f"data.val_images={cfg.val_images}", "data.test=",
              f"data.subset={cfg.subset}", "data.subset_seed=0", "schedule=1x", f"schedule_scale={scale!r}",
              "train.eval_period=0", "train.progress=false", f"train.checkpoint_period={cfg.iters}",
-             "eval.visualize=0", *cfg.overrides,
+             "eval.visualize=0", *(["model.freeze_at=5"] if cfg.freeze_backbone else []), *cfg.overrides,
              f"train.run_dir={run_dir}", f"train.seed={cfg.seed}", "train.resume=true"]
     return [sys.executable, "-m", "predet", "finetune", "--config", str(cfg.config), *items]
 
@@ -86,6 +98,7 @@ class TransferProbeHook:
         self.scale = probe_schedule_scale(cfg)
         self.running: dict[str, tuple[subprocess.Popen, float, Path, int]] = {}
         self.waited = 0.0  # seconds the run spent waiting for probes
+        self.val: Path | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -93,6 +106,7 @@ class TransferProbeHook:
         if trainer.rank != 0:
             return
         root = Path(trainer.run_dir) / "probe"
+        self.val = probe_val(self.cfg, root)
         logged = self._logged(trainer)
         if not read_probe(root / SCRATCH):
             self._launch(trainer, SCRATCH, SCRATCH, 0)
@@ -138,7 +152,7 @@ class TransferProbeHook:
         run_dir = Path(trainer.run_dir) / "probe" / name
         run_dir.mkdir(parents=True, exist_ok=True)
         log = open(run_dir / "probe.log", "ab")
-        cmd = probe_command(self.cfg, init, run_dir, self.scale)
+        cmd = probe_command(self.cfg, init, run_dir, self.scale, self.val)
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(self.cfg.threads),
