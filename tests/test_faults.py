@@ -129,14 +129,18 @@ def _free_port() -> int:
 
 
 def _join_group(rank, world, port):
-    """This process as ``rank`` of a gloo group kept across several runs: (pretrain module, cleanup)."""
+    """This process as ``rank`` of a gloo group kept across several runs: (pretrain module, cleanup).
+
+    The group is created here, before the first run: ``launched`` then leaves it to us instead of
+    destroying it after each run, which made every run rebuild it on the same port (and, now and
+    then, a rank's first collective of the next run read "connection reset by peer")."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import predet.pretrain as pretrain_module
-    from predet.engine.distributed import cleanup
+    from predet.engine.distributed import cleanup, init_distributed
 
-    pretrain_module.cleanup = lambda: None  # one group for the three runs
+    assert init_distributed("cpu") == (rank, world, rank)  # one group for all the runs
     return pretrain_module, cleanup
 
 
@@ -353,7 +357,7 @@ def test_sweep_holds_its_folder_and_its_run_dies_with_it(fashiondet_tiny, tmp_pa
     from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
 
     from predet.cli import main as cli_main
-    from predet.engine.runfolder import acquire_lock, release_lock
+    from predet.engine.runfolder import release_lock
 
     out = tmp_path / "sweep"
     overrides = [o for o in tiny_finetune_overrides(fashiondet_tiny, tmp_path / "x", "scratch", 10_000)
@@ -377,8 +381,37 @@ def test_sweep_holds_its_folder_and_its_run_dies_with_it(fashiondet_tiny, tmp_pa
     finally:
         proc.kill()
         proc.wait()
-    release_lock(acquire_lock(run))  # both locks are stale now, not blocking
-    release_lock(acquire_lock(out))
+    for folder in (run, out):  # both locks are stale now, not blocking
+        try:
+            release_lock(_wait_for(lambda: _try_lock(folder), 30, f"{folder / '.lock'} to be free"))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; held by {_lock_holders(folder / '.lock')}") from None
+
+
+def _try_lock(folder: Path):
+    """``acquire_lock(folder)``, or None while a process still holds it (it may take the
+    kernel a moment to close a dead run's files)."""
+    from predet.engine.runfolder import acquire_lock
+    from predet.errors import RunLocked
+
+    try:
+        return acquire_lock(folder)
+    except RunLocked:
+        return None
+
+
+def _lock_holders(lock: Path) -> list[str]:
+    """Every process with ``lock`` open, as "pid cmdline": what a failure should name."""
+    holders = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if Path(os.readlink(fd)) == lock.resolve():
+                pid = fd.parts[2]
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(bytes(1), b" ").decode()
+                holders.append(f"{pid} {cmdline[:200]}")
+        except OSError:
+            continue
+    return holders
 
 
 def test_sweep_does_not_retry_a_run_that_failed_on_its_inputs(tmp_path, capsys):

@@ -5,7 +5,7 @@ made it a fifth of a CPU pre-training step. RoIAlign is linear in the features: 
 cell is a fixed weighted sum of ``4 * sampling_ratio**2`` feature positions (the samples' four
 corners). Those sums pool all levels at once (``embedding_bag``), and the gradient is the
 transposed product with the same weights as a sparse (RoI cells x feature positions) matrix. The numbers are
-torchvision's (``aligned=False``; ``tests/test_roi_pool.py``). Anything this path does not cover
+torchvision's (``aligned=False``; ``tests/modeling/test_roi_pool.py``). Anything this path does not cover
 (other devices, half precision, an adaptive ``sampling_ratio``, a non-square output, levels that
 are not consecutive strides) runs torchvision's own module.
 """
@@ -127,7 +127,7 @@ def bags_to_csr(cols: Tensor, vals: Tensor, num_positions: int, rows_sorted: boo
     with warnings.catch_warnings():  # "CSR support is in beta": the product and its gradient are tested
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, cols[first], values, (rows, num_positions),
-                                       check_invariants=False)  # valid by construction: tests/test_roi_pool.py
+                                       check_invariants=False)  # valid by construction: tests/modeling/test_roi_pool.py
 
 
 class _PoolBags(torch.autograd.Function):
