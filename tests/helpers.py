@@ -124,3 +124,17 @@ def load_benchmarks(monkeypatch, *names: str):
         monkeypatch.setitem(sys.modules, name, module)
         spec.loader.exec_module(module)
     return sys.modules[names[-1]]
+
+
+def probe_overrides(fashiondet, **extra) -> dict:
+    """The transfer probe on the tiny build: 4 iterations on 8 images every 2 pre-training iterations."""
+    det = fashiondet / "det"
+    items = {
+        "probe.data": det / "annotations" / "train.json", "probe.images": det / "images",
+        "probe.val": det / "annotations" / "val.json", "probe.val_images": det / "images",
+        "probe.config": CPU_FINETUNE_CONFIG, "probe.iters": 4, "probe.subset": 8, "probe.period": 2,
+        "probe.overrides": "[" + ",".join(f"'{k}={v}'" for k, v in [*TINY_DETECTOR.items(), ("train.batch_size", 2),
+                                                                    ("train.num_workers", 0)]) + "]",
+    }
+    items.update(extra)
+    return items

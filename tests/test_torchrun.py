@@ -19,6 +19,7 @@ import pytest
 from helpers import (
     CPU_FINETUNE_CONFIG,
     CPU_PRETRAIN_CONFIG,
+    probe_overrides,
     tiny_finetune_overrides,
     tiny_pretrain_overrides,
 )
@@ -168,3 +169,17 @@ def test_too_few_shards_for_the_ranks_is_one_line_under_torchrun(fashiondet_tiny
     assert len(lines) == 2 and all("1 shard(s) cannot be split over 2 ranks" in l for l in lines)
     assert "rank 1: " in lines[0] + lines[1]
     assert not re.search(r'File ".*predet/', proc.stderr)  # torchrun reports the exit; no predet traceback
+
+
+def test_two_process_pretraining_runs_each_transfer_probe_once(fashiondet_tiny, tmp_path):
+    """Rank 0 launches and logs the probes; the other rank trains on. Each probe runs once."""
+    weak = fashiondet_tiny / "weak"
+    extra = {**probe_overrides(fashiondet_tiny, **{"probe.val_subset": 8}), "train.batch_size": 2}
+    run(["-m", "predet", "pretrain", "--config", str(CPU_PRETRAIN_CONFIG),
+         *tiny_pretrain_overrides(weak, tmp_path / "run", 3, **extra)])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    names = sorted(r["probe"] for r in records if "probe" in r)
+    assert names == ["iter0000002", "iter0000003", "scratch"]
+    for name in names:
+        log = (tmp_path / "run" / "probe" / name / "probe.log").read_text()
+        assert log.count("\n=== ") == 1  # launched once, by one rank

@@ -5,25 +5,16 @@ import json
 
 import pytest
 import yaml
+from helpers import (
+    CPU_FINETUNE_CONFIG,
+    CPU_PRETRAIN_CONFIG,
+    probe_overrides,
+    tiny_pretrain_config,
+)
 
-from helpers import CPU_FINETUNE_CONFIG, CPU_PRETRAIN_CONFIG, TINY_DETECTOR, tiny_pretrain_config
 from predet.cli import main as cli_main
 from predet.engine.metrics import read_metrics
 from predet.pretrain import pretrain
-
-
-
-def probe_overrides(fashiondet, **extra) -> dict:
-    det = fashiondet / "det"
-    items = {
-        "probe.data": det / "annotations" / "train.json", "probe.images": det / "images",
-        "probe.val": det / "annotations" / "val.json", "probe.val_images": det / "images",
-        "probe.config": CPU_FINETUNE_CONFIG, "probe.iters": 4, "probe.subset": 8, "probe.period": 2,
-        "probe.overrides": "[" + ",".join(f"'{k}={v}'" for k, v in [*TINY_DETECTOR.items(), ("train.batch_size", 2),
-                                                                    ("train.num_workers", 0)]) + "]",
-    }
-    items.update(extra)
-    return items
 
 
 def probe_records(run_dir):

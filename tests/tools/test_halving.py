@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import CPU_FINETUNE_CONFIG
+
 from predet.config import ConfigError
 from predet.tools.sweep import launch as sweep_launch
 from predet.tools.sweep.halving import halving, planned_cost, rung_budgets, rung_sizes

@@ -113,7 +113,8 @@ class DataConfig:
 
 
 @checked(iters=above(0), subset=NON_NEGATIVE, val_subset=NON_NEGATIVE, period=above(0), seed=NON_NEGATIVE,
-         threads=NON_NEGATIVE)
+         threads=NON_NEGATIVE, device=Check(lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                                            "auto, cpu, cuda or cuda:N"))
 @dataclass
 class ProbeConfig:
     """A short fine-tuning of the current weights, every ``period`` iterations, on a fixed small
@@ -135,6 +136,7 @@ class ProbeConfig:
     period: int = 200  # pre-training iterations between probes (and one at the end)
     seed: int = 0
     threads: int = 1  # CPU threads of a probe's process (0: as many as it likes)
+    device: str = "cpu"  # where a probe runs: beside a GPU run, the CPU takes no GPU memory from it
     background: bool = True  # beside the pre-training; false: the run waits for each probe
 
 

@@ -26,3 +26,20 @@ def thread_env(threads: int) -> dict | None:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(int(threads))
     return env
+
+
+# What torchrun sets in each process it starts: a child of a rank (a transfer probe) must not read
+# them, or it would wait to join the run's process group as one of its ranks.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
+                      "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def standalone_env(threads: int) -> dict:
+    """The environment of a single-process child of a (maybe distributed) run: ``threads`` CPU
+    threads (0: as the parent) and none of torchrun's variables."""
+    env = thread_env(threads) or dict(os.environ)
+    for name in TORCHRUN_VARIABLES:
+        env.pop(name, None)
+    return env

@@ -12,8 +12,10 @@ A probe is an ordinary ``predet finetune`` run in its own process and folder
 (``RUN/probe/iterNNNNNNN/``, ``RUN/probe/scratch/``), with its schedule's decays placed inside its
 budget and a fixed seed, so it is deterministic for a checkpoint. It runs beside the
 pre-training (``probe.background``, ``probe.threads`` CPU threads; the run waits only for the
-last ones at its end) or in turn (the run waits for each). Rank 0 runs the probes; a probe dies
-with its run, and a resumed run logs what finished meanwhile and restarts what did not.
+last ones at its end) or in turn (the run waits for each), on ``probe.device`` (the CPU by
+default: beside a GPU run it takes no GPU memory). Rank 0 runs the probes, each a single process
+outside the run's process group; a probe dies with its run, and a resumed run logs what finished
+meanwhile and restarts what did not.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from predet.config.pretrain import ProbeConfig
 from predet.config.schedules import BASE_BATCH, ONE_X_ITERS
 from predet.data.coco_json import subset_path, write_subset
 from predet.engine.metrics import METRICS_FILE, read_metrics
-from predet.engine.processes import die_with_parent, thread_env
+from predet.engine.processes import die_with_parent, standalone_env
 from predet.errors import InputNotFound
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,8 @@ def probe_command(cfg: ProbeConfig, init: str, run_dir: Path, scale: float, val:
              f"data.val={val or cfg.val}", f"data.val_images={cfg.val_images}", "data.test=",
              f"data.subset={cfg.subset}", "data.subset_seed=0", "schedule=1x", f"schedule_scale={scale!r}",
              "train.eval_period=0", "train.progress=false", f"train.checkpoint_period={cfg.iters}",
-             "eval.visualize=0", *(["model.freeze_at=5"] if cfg.freeze_backbone else []), *cfg.overrides,
+             "eval.visualize=0", f"train.device={cfg.device}", *(["model.freeze_at=5"] if cfg.freeze_backbone else []),
+             *cfg.overrides,
              f"train.run_dir={run_dir}", f"train.seed={cfg.seed}", "train.resume=true"]
     return [sys.executable, "-m", "predet", "finetune", "--config", str(cfg.config), *items]
 
@@ -155,7 +158,7 @@ class TransferProbeHook:
         cmd = probe_command(self.cfg, init, run_dir, self.scale, self.val)
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(self.cfg.threads),
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=standalone_env(self.cfg.threads),
                                    preexec_fn=die_with_parent if sys.platform == "linux" else None)
         log.close()
         self.running[name] = (process, time.time(), run_dir, iteration)
