@@ -44,7 +44,8 @@ from predet.engine.processes import thread_env
 from predet.finetune import load_finetune_config
 from predet.pretrain import weight_change
 from predet.tools.demo import BENCHMARK_FINETUNE_CUTS
-from predet.tools.report import plot_pretext_curves, write_report
+from predet.tools.plots import plot_pretext_curves
+from predet.tools.report import write_report
 from predet.tools.sweep.grid import parse_grid_args
 from predet.tools.sweep.launch import run_command
 from predet.tools.sweep.run import sweep

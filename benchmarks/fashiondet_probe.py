@@ -26,7 +26,7 @@ import fashiondet_benchmark as ladder  # noqa: E402
 
 from predet.data.fashiondet import build_fashiondet, is_current_build  # noqa: E402
 from predet.engine.metrics import read_metrics  # noqa: E402
-from predet.tools.report import plot_pretext_curves  # noqa: E402
+from predet.tools.plots import plot_pretext_curves
 from predet.tools.stats import mean_std  # noqa: E402
 from predet.tools.sweep.run import sweep  # noqa: E402
 

@@ -32,7 +32,7 @@ import fashiondet_benchmark as ladder  # noqa: E402
 
 from predet.data.fashiondet import build_fashiondet, is_current_build  # noqa: E402
 from predet.pretrain import load_pretrain_config  # noqa: E402
-from predet.tools.report import save_figure  # noqa: E402
+from predet.tools.plots import save_figure
 
 FORMAT_VERSION = 1
 RESULTS = Path("benchmarks/results/fashiondet")

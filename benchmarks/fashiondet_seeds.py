@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashiondet_benchmark as ladder  # noqa: E402
 
 from predet.data.fashiondet import build_fashiondet, is_current_build  # noqa: E402
-from predet.tools.report import save_figure  # noqa: E402
+from predet.tools.plots import save_figure
 from predet.tools.stats import seed_gap
 
 FORMAT_VERSION = 1

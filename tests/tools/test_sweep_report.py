@@ -15,13 +15,8 @@ from helpers import CPU_FINETUNE_CONFIG, tiny_finetune_overrides
 from predet.cli import main as cli_main
 from predet.config import ConfigError, paper_tables
 from predet.config.choices import pretraining_label
-from predet.tools.report import (
-    ap_curves,
-    build_table,
-    collect_runs,
-    format_cell,
-    write_report,
-)
+from predet.tools.plots import ap_curves
+from predet.tools.report import build_table, collect_runs, format_cell, write_report
 from predet.tools.sweep import launch as sweep_launch
 from predet.tools.sweep.grid import expand_grid, parse_grid_args, plan_runs, run_name
 from predet.tools.sweep.results import select_best
@@ -401,7 +396,7 @@ def test_report_per_category_ap_mean_over_seeds(tmp_path):
 
 
 def test_pretext_curves_plot_every_variant_and_nothing_without_records(tmp_path):
-    from predet.tools.report import plot_pretext_curves
+    from predet.tools.plots import plot_pretext_curves
 
     for name, level in (("a", 0.2), ("b", 0.5)):
         run = tmp_path / name

@@ -14,6 +14,7 @@ def die_with_parent() -> None:
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
+
 def thread_env(threads: int) -> dict | None:
     """The environment of a child limited to ``threads`` CPU threads (0: inherit everything).
 

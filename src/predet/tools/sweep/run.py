@@ -44,9 +44,6 @@ TIME_FILE = "sweep_time.json"  # in a run folder: the wall seconds of the launch
 USER_ERROR_EXIT = 2
 
 
-
-
-
 def _finish_row(row: dict, outcome: dict) -> dict:
     """Fill a run's row from its launcher outcome and its results.json."""
     results = read_results(Path(row["run_dir"]))
