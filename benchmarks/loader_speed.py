@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from predet.config.pretrain import ViewConfig
-from predet.data.shards import _decode_shard_sample
+from predet.data.shards import decode_shard_sample
 from predet.data.views import TwoViewTransform, collate_two_view, colour_views
 from predet.data.weak import Vocabulary
 
@@ -59,7 +59,7 @@ def floor_image(data: bytes, size: int) -> None:
 
 def pipeline_batch(raws: list[dict], vocab, transform, start: int) -> dict:
     """What a worker does for one batch: shard samples decoded into two views, then collated."""
-    return collate_two_view([_decode_shard_sample(raw, vocab, transform, start + i) for i, raw in enumerate(raws)])
+    return collate_two_view([decode_shard_sample(raw, vocab, transform, start + i) for i, raw in enumerate(raws)])
 
 
 def main(argv=None) -> dict:

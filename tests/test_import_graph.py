@@ -108,4 +108,4 @@ def test_imports_run_from_the_first_layer_to_the_last():
 def test_the_layer_check_sees_a_late_import():
     assert layer_of("predet.checkpoint.atomic") < layer_of("predet.data.coco") < layer_of("predet.modeling.detectors")
     assert layer_of("predet.engine.trainer") < layer_of("predet.checkpoint.transfer") < layer_of("predet.tools.sweep.run")
-    assert layer_of("predet.tools.report") > layer_of("predet.evaluation.pretext")  # report may import pretext, not back
+    assert layer_of("predet.tools.plots") > layer_of("predet.evaluation.pretext")  # plots may import pretext, not back

@@ -43,6 +43,8 @@ def test_probes_run_every_period_and_at_the_end_beside_a_floor_and_are_determini
             assert config["data"]["val"] == str(run / "probe" / "val.subset8.seed0.json")  # one fixed val subset
             assert config["model"]["freeze_at"] == 5  # probe.freeze_backbone
             assert not (folder / "init.pth").exists()  # tidied once logged
+        floor = yaml.safe_load((run / "probe" / "scratch" / "config.yaml").read_text())
+        assert floor["init"] == "scratch" and floor["data"]["val"] == config["data"]["val"]
         aps[background] = {n: r.get("probe/bbox/AP", r.get("probe/bbox/AP_scratch")) for n, r in by_name.items()}
     assert aps["true"] == aps["false"]
 

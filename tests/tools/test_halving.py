@@ -57,8 +57,14 @@ def test_halving_runs_each_rung_at_its_budget_keeps_the_best_on_val_and_seeds_th
     assert "data.test" not in fake.launched[12][1]
     assert [r["kept"] for r in record["rungs"]] == [["lr0.09", "lr0.08", "lr0.07"], ["lr0.09"], ["lr0.09"]]
     assert record["winner_name"] == "lr0.09" and record["best"]["val"]["bbox/AP"]["n"] == 3
-    seeds = sorted(p.name for p in (tmp_path / "rung2" / "lr0.09").iterdir())
+    last = tmp_path / "rung2_budget1"
+    seeds = sorted(p.name for p in (last / "lr0.09").iterdir())
     assert seeds == ["seed0", "seed1", "seed2"]
+    # the rung's own comparison stays on disk beside the winner's seeds
+    assert [r["name"] for r in json.loads((last / "summary.json").read_text())["runs"]] == ["lr0.09"]
+    assert len(json.loads((last / "winner_summary.json").read_text())["runs"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["rung0_budget0.1111", "rung1_budget0.3333",
+                                                                          "rung2_budget1"]
     assert record["seconds"] == pytest.approx(9 * 6 + 3 * 18 + 54 + 2 * 54)
     saved = json.loads((tmp_path / "halving.json").read_text())
     assert saved["winner_name"] == "lr0.09" and saved["planned_cost"] == pytest.approx(9 / 9 + 3 / 3 + 1 + 2)
@@ -76,14 +82,16 @@ def test_a_killed_search_resumes_at_its_rung_without_redoing_finished_runs(tmp_p
     record = halving(CPU_FINETUNE_CONFIG, grid, seeds=2, out_dir=tmp_path, eta=3, rungs=2, echo=None,
                      overrides=["schedule_scale=1"])
     relaunched = [run_dir.relative_to(tmp_path).as_posix() for run_dir, _ in again.launched]
-    assert relaunched == ["rung1/lr0.05/seed0", "rung1/lr0.06/seed1"]  # rung 0 and the finished one are read back
+    assert relaunched == ["rung1_budget1/lr0.05/seed0", "rung1_budget1/lr0.06/seed1"]  # the rest is read back
     assert record["rungs"][0]["kept"] == ["lr0.06", "lr0.05"] and record["winner_name"] == "lr0.06"
     assert record["rungs"][0]["seconds"] == pytest.approx(6 * 20)  # finished runs keep their recorded time
 
 
-def test_halving_refuses_a_config_without_a_named_schedule(tmp_path):
+def test_halving_refuses_what_would_replace_its_budgets(tmp_path):
     with pytest.raises(ConfigError, match="named schedule"):
         halving(CPU_FINETUNE_CONFIG, {"lr": [0.01, 0.02]}, out_dir=tmp_path, overrides=["schedule="], echo=None)
+    with pytest.raises(ConfigError, match="schedule_scale for each rung"):
+        halving(CPU_FINETUNE_CONFIG, {"schedule_scale": [0.1, 0.2]}, out_dir=tmp_path, echo=None)
 
 
 def test_the_cli_runs_a_halving_search(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ Two formats:
   detector export with ``strict=True``);
 * Detectron2: the model-zoo ``.pkl`` layout ``{"model": {name: ndarray}, "__author__": ...}`` that
   ``DetectionCheckpointer`` reads, with names from the one table in
-  :mod:`predet.checkpoint.transfer` (``to_detectron2``), the same table the import uses.
+  :mod:`predet.checkpoint.renames` (``to_detectron2``), the same table the import uses.
 """
 
 from __future__ import annotations

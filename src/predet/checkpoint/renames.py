@@ -15,13 +15,6 @@ from predet.config.choices import ARCHS
 # ``{x}`` is an integer, written ``{x+k}`` or ``{x*k}`` on the side where it is offset/scaled.
 # ``{i+F}`` is the pyramid level of FPN input ``i``: F = 2 for the two-stage FPN over C2..C5,
 # F = 3 for RetinaNet's FPN over C3..C5.
-# ---------------------------------------------------------------------------------------------
-# The one torchvision <-> Detectron2 name table (import and export both use it).
-#
-# Placeholders: ``{p}`` is one name component (``weight``, ``running_mean``...); any other
-# ``{x}`` is an integer, written ``{x+k}`` or ``{x*k}`` on the side where it is offset/scaled.
-# ``{i+F}`` is the pyramid level of FPN input ``i``: F = 2 for the two-stage FPN over C2..C5,
-# F = 3 for RetinaNet's FPN over C3..C5.
 RENAMES: tuple[tuple[str, str], ...] = (
     ("backbone.body.conv1.weight", "backbone.bottom_up.stem.conv1.weight"),
     ("backbone.body.bn1.{p}", "backbone.bottom_up.stem.conv1.norm.{p}"),

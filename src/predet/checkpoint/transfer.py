@@ -356,7 +356,7 @@ def load_init_weights(detector: nn.Module, init: str, arch: str, stride_in_1x1: 
                       input_format: str = "auto") -> LoadReport:
     """Initialise ``detector`` (an ``arch`` detector) from ``init``; log and return the report.
 
-    ``init`` is ``"scratch"``/``"random"`` (nothing loaded) or a weight file. Raises ValueError,
+    ``init`` is ``"scratch"``/``"random"`` (nothing loaded) or a weight file. Raises CheckpointError,
     naming the file, when a file contributes no tensor at all: a silent scratch run would look
     like a pre-training result. Detectron2/Caffe2 weights must match the detector's stride
     placement (``stride_in_1x1``: auto from the file, or true/false) and have their stem

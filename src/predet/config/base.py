@@ -1,8 +1,8 @@
 """Typed configs from YAML files plus dotted ``key=value`` overrides.
 
 Configs are nested dataclasses so a typo is caught before a run starts: an unknown key is an
-error listing the valid ones. The same ``key=value`` grammar is used on the command line and
-(later) by sweeps.
+error listing the valid ones. The same ``key=value`` grammar is used on the command line, in
+sweep grids and in the probe's overrides.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ NORMS = ("bn", "syncbn", "frozen_bn", "gn")
 
 ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
 
-# Keys that say how a run is executed, not what it trains: they may change when a run is
-# resumed, and runs that differ only in them are the same setting.
+LR_SCHEDULES = ("step", "cosine")  # how the lr decays after its warm-up
+
 SCRATCH_INITS = ("scratch", "random")  # init= values that load no weights (torch-free home: sweep reads it)
 
 

@@ -14,10 +14,11 @@ from predet.config.base import (
     checked,
     one_of,
 )
+from predet.config.choices import LR_SCHEDULES
 
 
 @checked(lr=NON_NEGATIVE, momentum=between(0, 0.999), weight_decay=NON_NEGATIVE, max_iters=above(0),
-         warmup_iters=NON_NEGATIVE, warmup_factor=between(0, 1), schedule=one_of("step", "cosine"),
+         warmup_iters=NON_NEGATIVE, warmup_factor=between(0, 1), schedule=one_of(*LR_SCHEDULES),
          milestones=Check(lambda v: all(m >= 0 for m in v) and v == sorted(v), "iterations >= 0, ascending"),
          gamma=POSITIVE, clip_grad_norm=NON_NEGATIVE, amp=one_of("none", "bf16", "fp16"))
 @dataclass
@@ -65,6 +66,8 @@ class TrainConfig:
     max_skipped_fraction: float = 0.1
 
 
+# Keys that say how a run is executed, not what it trains: they may change when a run is
+# resumed, and runs that differ only in them are the same setting.
 RUN_ONLY_KEYS = (
     "train.resume",
     "train.progress",

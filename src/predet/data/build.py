@@ -11,9 +11,9 @@ from torch.utils.data import Dataset, IterableDataset
 from predet.data.shards import (
     ShardSampleList,
     WeakShardDataset,
-    _check_shards_exist,
-    _shard_vocab,
+    check_shards_exist,
     expand_shards,
+    shard_vocab,
 )
 from predet.data.weak import Transform, Vocabulary, WeakLabelFolder
 
@@ -27,7 +27,7 @@ def heldout_dataset(source: str | Path, vocab: Vocabulary, transform: Transform 
         dataset.records = dataset.records[:limit]
         return dataset
     urls = expand_shards(source)
-    _check_shards_exist(urls)
+    check_shards_exist(urls)
     return ShardSampleList(urls, vocab, transform, limit)
 
 
@@ -44,12 +44,12 @@ def build_weak_dataset(
     """Folder (``*.jsonl``) or shards (anything else), with the vocabulary it uses.
 
     ``seed``, ``shuffle`` and ``repeat`` apply to shards only: folders are ordered by a
-    :class:`DeterministicBatchSampler`.
+    :class:`~predet.data.samplers.DeterministicBatchSampler`.
     """
     if isinstance(source, (str, Path)) and str(source).endswith(".jsonl"):
         dataset = WeakLabelFolder(source, vocab, transform, image_root)
         return dataset, dataset.vocab
     urls = expand_shards(source)
-    _check_shards_exist(urls)
-    vocab = _shard_vocab(urls, vocab)
+    check_shards_exist(urls)
+    vocab = shard_vocab(urls, vocab)
     return WeakShardDataset(urls, vocab, transform, seed, shuffle, repeat), vocab

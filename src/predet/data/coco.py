@@ -6,11 +6,11 @@ so a broken record stops the run at start-up. Boxes that the detectors cannot us
 evaluation ground truth (``dataset.coco`` / ``dataset.lvis``) keeps every record unchanged.
 
 Samples are ``(image, target)`` in the form torchvision's Mask R-CNN / Faster R-CNN /
-RetinaNet take: image uint8 CHW (the detectors here divide by 255 on the device); target ``boxes`` (xyxy), ``labels`` (1..K),
-``masks``, ``image_id``, ``area``, ``iscrowd``. The only augmentation here is the horizontal
-flip, decided by an explicit per-sample seed so that a resumed run (see
-``predet.data.samplers``) sees
-the same flips as an uninterrupted one; resizing is left to the model's transform.
+RetinaNet take: image uint8 CHW (the detectors here divide by 255 on the device); target
+``boxes`` (xyxy), ``labels`` (1..K), ``masks``, ``image_id``, ``area``, ``iscrowd``. The only
+augmentation here is the horizontal flip, decided by an explicit per-sample seed so that a
+resumed run (see ``predet.data.samplers``) sees the same flips as an uninterrupted one; resizing
+is left to the model's transform.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from predet.data.coco_json import (
     LVIS_FREQUENCIES,
-    _is_number,
-    _record_error,
+    is_number,
     load_coco_json,
     load_lvis_json,
+    record_error,
 )
 from predet.data.images import open_rgb, stored_size_differs
 
@@ -212,7 +212,7 @@ class CocoDetection(Dataset):
             i = missing[0]
             more = f" ({len(missing) - 1} more images are missing)" if len(missing) > 1 else ""
             field = self._file_field(images[i])[0]
-            raise _record_error(self.ann_file, "images", i, images[i], field, f"image file not found: {paths[i]}{more}")
+            raise record_error(self.ann_file, "images", i, images[i], field, f"image file not found: {paths[i]}{more}")
         return {img["id"]: p for img, p in zip(images, paths)}
 
     def _prepare_targets(self, data: dict) -> tuple[list[_ImageTargets], dict]:
@@ -234,7 +234,7 @@ class CocoDetection(Dataset):
                 segm = None
                 stats["mask_from_box"] += int(self.masks)
             area = ann.get("area")
-            if not _is_number(area) or not math.isfinite(area) or area <= 0:
+            if not is_number(area) or not math.isfinite(area) or area <= 0:
                 area = (box[2] - box[0]) * (box[3] - box[1])
             per_image[ann["image_id"]].append((box, self.cat_id_to_label[ann["category_id"]], area, segm))
         targets = [self._pack(per_image[iid]) for iid in self.image_ids]
@@ -297,7 +297,7 @@ class CocoDetection(Dataset):
             turned = stored_size_differs(self._paths[image_id]) and image.size == (record["height"], record["width"])
             why = (" (its EXIF orientation turns it upright; boxes must be given on the upright image)"
                    if turned else "")
-            raise _record_error(
+            raise record_error(
                 self.ann_file, "images", self._image_pos[image_id], record, "width",
                 f"{self._paths[image_id]} is {image.size[0]}x{image.size[1]}{why}, "
                 f"the record says {record['width']}x{record['height']}",
@@ -324,7 +324,7 @@ class CocoDetection(Dataset):
             image = pil_to_tensor(self._read_image(image_id))  # uint8; the detector makes it float
         except UnreadableImage as exc:
             if not self.train:
-                raise _record_error(self.ann_file, "images", self._image_pos[image_id],
+                raise record_error(self.ann_file, "images", self._image_pos[image_id],
                                     self._images[image_id], self._file_field(self._images[image_id])[0],
                                     f"cannot read {exc.path}: {exc.reason}") from None
             return None, {"skipped": str(exc.path), "reason": exc.reason}

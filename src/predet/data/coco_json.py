@@ -42,11 +42,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _record_error(path, section: str, index: int, record: Any, field: str | None, message: str):
+def record_error(path, section: str, index: int, record: Any, field: str | None, message: str):
     """``file: section[i] (id N): field "f": message`` -- enough to find the record by hand."""
     where = f"{path}: {section}[{index}]"
     if isinstance(record, dict) and "id" in record:
@@ -87,13 +87,13 @@ def _check_ids(path, section: str, records: list) -> dict[int, int]:
     seen: dict[int, int] = {}
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise _record_error(path, section, i, rec, None, f"expected an object, got {_brief(rec)}")
+            raise record_error(path, section, i, rec, None, f"expected an object, got {_brief(rec)}")
         if "id" not in rec:
-            raise _record_error(path, section, i, rec, "id", "missing")
+            raise record_error(path, section, i, rec, "id", "missing")
         if not _is_int(rec["id"]):
-            raise _record_error(path, section, i, rec, "id", f"expected an integer, got {_brief(rec['id'])}")
+            raise record_error(path, section, i, rec, "id", f"expected an integer, got {_brief(rec['id'])}")
         if rec["id"] in seen:
-            raise _record_error(path, section, i, rec, "id", f"duplicate id (also {section}[{seen[rec['id']]}])")
+            raise record_error(path, section, i, rec, "id", f"duplicate id (also {section}[{seen[rec['id']]}])")
         seen[rec["id"]] = i
     return seen
 
@@ -101,25 +101,25 @@ def _check_ids(path, section: str, records: list) -> dict[int, int]:
 def _check_image(path, i: int, img: dict, lvis: bool) -> None:
     for field in ("width", "height"):
         if field not in img:
-            raise _record_error(path, "images", i, img, field, "missing")
+            raise record_error(path, "images", i, img, field, "missing")
         if not _is_int(img[field]) or img[field] <= 0:
-            raise _record_error(path, "images", i, img, field, f"expected a positive integer, got {_brief(img[field])}")
+            raise record_error(path, "images", i, img, field, f"expected a positive integer, got {_brief(img[field])}")
     name_fields = ("file_name", "coco_url") if lvis else ("file_name",)
     present = [f for f in name_fields if f in img]
     if not present:
-        raise _record_error(path, "images", i, img, " or ".join(name_fields), "missing")
+        raise record_error(path, "images", i, img, " or ".join(name_fields), "missing")
     for field in present:
         if not isinstance(img[field], str) or not img[field].strip():
-            raise _record_error(path, "images", i, img, field, f"expected a non-empty string, got {_brief(img[field])}")
+            raise record_error(path, "images", i, img, field, f"expected a non-empty string, got {_brief(img[field])}")
 
 
 def _check_category(path, i: int, cat: dict, lvis: bool) -> None:
     if not isinstance(cat.get("name"), str) or not cat["name"]:
-        raise _record_error(path, "categories", i, cat, "name", f"expected a non-empty string, got {_brief(cat.get('name'))}")
+        raise record_error(path, "categories", i, cat, "name", f"expected a non-empty string, got {_brief(cat.get('name'))}")
     if lvis and cat.get("frequency") not in LVIS_FREQUENCIES:  # LVIS AP is split by it (APr, APc, APf)
-        raise _record_error(path, "categories", i, cat, "frequency", f"expected one of 'r', 'c', 'f', got {_brief(cat.get('frequency'))}")
+        raise record_error(path, "categories", i, cat, "frequency", f"expected one of 'r', 'c', 'f', got {_brief(cat.get('frequency'))}")
     if lvis and "image_count" in cat and not _is_int(cat["image_count"]):
-        raise _record_error(path, "categories", i, cat, "image_count", f"expected an integer, got {_brief(cat['image_count'])}")
+        raise record_error(path, "categories", i, cat, "image_count", f"expected an integer, got {_brief(cat['image_count'])}")
 
 
 def _compressed_rle_counts(text: str) -> list[int] | None:
@@ -153,7 +153,7 @@ def _segmentation_problem(segm: Any, img: dict) -> str | None:
         for part in segm:
             if not isinstance(part, list) or len(part) % 2:
                 return "expected a list of polygons (flat lists [x1, y1, x2, y2, ...] of even length)"
-            bad = [v for v in part if not _is_number(v) or not math.isfinite(v)]
+            bad = [v for v in part if not is_number(v) or not math.isfinite(v)]
             if bad:
                 return f"polygon coordinates must be finite numbers, got {_brief(bad[0])}"
         return None
@@ -179,26 +179,26 @@ def _segmentation_problem(segm: Any, img: dict) -> str | None:
 
 def _check_annotation(path, i: int, ann: dict, images: dict, cats: set) -> None:
     if "image_id" not in ann:
-        raise _record_error(path, "annotations", i, ann, "image_id", "missing")
+        raise record_error(path, "annotations", i, ann, "image_id", "missing")
     if ann["image_id"] not in images:
-        raise _record_error(path, "annotations", i, ann, "image_id", f"unknown image {_brief(ann['image_id'])}")
+        raise record_error(path, "annotations", i, ann, "image_id", f"unknown image {_brief(ann['image_id'])}")
     if "category_id" not in ann:
-        raise _record_error(path, "annotations", i, ann, "category_id", "missing")
+        raise record_error(path, "annotations", i, ann, "category_id", "missing")
     if ann["category_id"] not in cats:
-        raise _record_error(path, "annotations", i, ann, "category_id", f"unknown category {_brief(ann['category_id'])}")
+        raise record_error(path, "annotations", i, ann, "category_id", f"unknown category {_brief(ann['category_id'])}")
     bbox = ann.get("bbox")
     if "bbox" not in ann:
-        raise _record_error(path, "annotations", i, ann, "bbox", "missing")
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-        raise _record_error(path, "annotations", i, ann, "bbox", f"expected 4 numbers [x, y, w, h], got {_brief(bbox)}")
+        raise record_error(path, "annotations", i, ann, "bbox", "missing")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
+        raise record_error(path, "annotations", i, ann, "bbox", f"expected 4 numbers [x, y, w, h], got {_brief(bbox)}")
     if ann.get("iscrowd", 0) not in (0, 1):
-        raise _record_error(path, "annotations", i, ann, "iscrowd", f"expected 0 or 1, got {_brief(ann['iscrowd'])}")
-    if "area" in ann and not _is_number(ann["area"]):
-        raise _record_error(path, "annotations", i, ann, "area", f"expected a number, got {_brief(ann['area'])}")
+        raise record_error(path, "annotations", i, ann, "iscrowd", f"expected 0 or 1, got {_brief(ann['iscrowd'])}")
+    if "area" in ann and not is_number(ann["area"]):
+        raise record_error(path, "annotations", i, ann, "area", f"expected a number, got {_brief(ann['area'])}")
     if "segmentation" in ann:
         problem = _segmentation_problem(ann["segmentation"], images[ann["image_id"]])
         if problem:
-            raise _record_error(path, "annotations", i, ann, "segmentation", problem)
+            raise record_error(path, "annotations", i, ann, "segmentation", problem)
 
 
 def _check_lvis_image_categories(path, i: int, img: dict, cats: set) -> None:
@@ -206,10 +206,10 @@ def _check_lvis_image_categories(path, i: int, img: dict, cats: set) -> None:
     for field in ("neg_category_ids", "not_exhaustive_category_ids"):
         ids = img.get(field, [])
         if not isinstance(ids, list):
-            raise _record_error(path, "images", i, img, field, f"expected a list of category ids, got {_brief(ids)}")
+            raise record_error(path, "images", i, img, field, f"expected a list of category ids, got {_brief(ids)}")
         unknown = [c for c in ids if c not in cats]
         if unknown:
-            raise _record_error(path, "images", i, img, field, f"unknown category {_brief(unknown[0])}")
+            raise record_error(path, "images", i, img, field, f"unknown category {_brief(unknown[0])}")
 
 
 def _validate(data: dict, path, lvis: bool) -> dict:

@@ -2,7 +2,6 @@
 shards (shuffled per pass with a seed all ranks share), resumes at an iteration, and skips and
 names a damaged shard; plus writing shards from a labels file (``predet data shards``)."""
 
-
 from __future__ import annotations
 
 import copy
@@ -30,12 +29,12 @@ from predet.data.weak import (
     Transform,
     Vocabulary,
     WeakRecord,
-    _check_labels,
-    _make_sample,
-    _show,
-    _skipped,
-    _try_open,
+    check_labels,
+    make_sample,
     read_labels_jsonl,
+    show_value,
+    skipped_sample,
+    try_open,
 )
 from predet.errors import (
     InputNotFound,
@@ -53,7 +52,7 @@ def _json_labels(data: bytes, vocab: Vocabulary, where: str) -> tuple[torch.Tens
         raise LabelFileError(f'{where}: field "json": invalid JSON ({exc})') from None
     names = meta.get("labels") if isinstance(meta, dict) else meta
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        got = _show(names)
+        got = show_value(names)
         raise LabelFileError(f'{where}: field "labels": expected a list of strings, got {got}')
     for name in names:
         if name not in vocab:
@@ -111,9 +110,9 @@ def _shard_samples(url: str) -> Iterator[dict]:
                f"{reason.split(' @ ')[0][:120]}); its samples after the first {n} were skipped"}
 
 
-def _decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int, shards: int = 0) -> dict:
+def decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int, shards: int = 0) -> dict:
     if DAMAGED in raw:
-        return {**_skipped(raw[DAMAGED], raw["reason"]), "shards": shards}
+        return {**skipped_sample(raw[DAMAGED], raw["reason"]), "shards": shards}
     url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
     where = f"{url}: sample {key}"
     labels, source_path = _shard_labels(raw, vocab, where)
@@ -121,11 +120,11 @@ def _decode_shard_sample(raw: dict, vocab: Vocabulary, transform, seed: int, sha
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         fields = sorted(k for k in raw if not k.startswith("__"))
-        return _skipped(path, f"no image entry in shard sample {where} (found {fields})")
-    image, reason = _try_open(io.BytesIO(raw[ext]))
+        return skipped_sample(path, f"no image entry in shard sample {where} (found {fields})")
+    image, reason = try_open(io.BytesIO(raw[ext]))
     if image is None:
-        return _skipped(path, f"{reason} ({where})")
-    return _make_sample(path, labels, image, transform, seed)
+        return skipped_sample(path, f"{reason} ({where})")
+    return make_sample(path, labels, image, transform, seed)
 
 
 def urls_of_stream(urls: Sequence[str], seed: int, epoch: int, rank: int, world_size: int, stream: int,
@@ -217,7 +216,7 @@ class WeakShardDataset(IterableDataset):
             for raw in self._raw_samples(epoch, rank, world_size, stream, workers):
                 if n >= skip:
                     seed = derive_seed("sample", self.seed, rank, stream, n)
-                    yield _decode_shard_sample(raw, self.vocab, self.transform, seed, len(self.urls))
+                    yield decode_shard_sample(raw, self.vocab, self.transform, seed, len(self.urls))
                 n += 1
             if n == start and self.repeat:
                 # a worker with nothing to read drops out of the DataLoader's rotation, and the
@@ -245,7 +244,7 @@ class ShardSampleList(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), int(key))
-        return _decode_shard_sample(self.raw[index], self.vocab, self.transform, seed)
+        return decode_shard_sample(self.raw[index], self.vocab, self.transform, seed)
 
 
 def weak_webdataset(
@@ -285,7 +284,7 @@ def expand_shards(source: str | Path | Sequence[str | Path]) -> list[str]:
     return [source]
 
 
-def _check_shards_exist(urls: Sequence[str]) -> None:
+def check_shards_exist(urls: Sequence[str]) -> None:
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -294,7 +293,7 @@ def _check_shards_exist(urls: Sequence[str]) -> None:
                             "labels.jsonl, a shard pattern or a folder of .tar shards)")
 
 
-def _shard_vocab(urls: Sequence[str], vocab: Vocabulary | None) -> Vocabulary:
+def shard_vocab(urls: Sequence[str], vocab: Vocabulary | None) -> Vocabulary:
     if vocab is not None:
         return vocab
     first = urls[0]
@@ -329,7 +328,7 @@ def write_webdataset_shards(
     if vocab is None:
         vocab = Vocabulary.build(records)
     else:
-        _check_labels(records, vocab, labels_file)
+        check_labels(records, vocab, labels_file)
     out_dir = Path(out_dir)
     if out_dir.is_dir() and (any(out_dir.glob("*.tar")) or (out_dir / "vocab.json").exists()):
         raise OutputExists(f"{out_dir} already holds shards; give a new or empty --out folder "

@@ -185,7 +185,7 @@ class WeakRecord:
     line: int
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def show_value(value: Any, limit: int = 60) -> str:
     text = json.dumps(value) if _is_json_value(value) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -209,17 +209,17 @@ def _parse_line(text: str, path: Path, line: int, root: Path) -> WeakRecord:
     except json.JSONDecodeError as exc:
         raise _error(path, line, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
-        raise _error(path, line, f"expected a JSON object, got {_show(obj)}")
+        raise _error(path, line, f"expected a JSON object, got {show_value(obj)}")
     if "image" not in obj:
         raise _error(path, line, "missing", field="image")
     image = obj["image"]
     if not isinstance(image, str) or not image.strip():
-        raise _error(path, line, f"expected a non-empty path string, got {_show(image)}", "image")
+        raise _error(path, line, f"expected a non-empty path string, got {show_value(image)}", "image")
     if "labels" not in obj:
         raise _error(path, line, "missing", field="labels")
     labels = obj["labels"]
     if not isinstance(labels, list) or not all(isinstance(n, str) and n for n in labels):
-        raise _error(path, line, f"expected a list of strings, got {_show(labels)}", "labels")
+        raise _error(path, line, f"expected a list of strings, got {show_value(labels)}", "labels")
     return WeakRecord(image=os.path.abspath(root / image), labels=list(labels), line=line)
 
 
@@ -249,7 +249,7 @@ def read_labels_jsonl(path: str | Path, image_root: str | Path | None = None) ->
     return records
 
 
-def _check_labels(records: Iterable[WeakRecord], vocab: Vocabulary, path: str | Path) -> None:
+def check_labels(records: Iterable[WeakRecord], vocab: Vocabulary, path: str | Path) -> None:
     """Fail on the first label name that a fixed vocabulary does not know."""
     for record in records:
         for name in record.labels:
@@ -267,7 +267,7 @@ def _check_labels(records: Iterable[WeakRecord], vocab: Vocabulary, path: str | 
 # --------------------------------------------------------------------------------------
 
 
-def _try_open(source: str | io.BytesIO) -> tuple[Image.Image | None, str]:
+def try_open(source: str | io.BytesIO) -> tuple[Image.Image | None, str]:
     try:
         return open_rgb(source), ""  # data/images.py: the decoder every step shares
     except FileNotFoundError:
@@ -276,11 +276,11 @@ def _try_open(source: str | io.BytesIO) -> tuple[Image.Image | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _skipped(path: str, reason: str) -> dict:
+def skipped_sample(path: str, reason: str) -> dict:
     return {"skipped": True, "path": path, "reason": reason}
 
 
-def _make_sample(path: str, labels: torch.Tensor, image: Image.Image, transform, seed: int) -> dict:
+def make_sample(path: str, labels: torch.Tensor, image: Image.Image, transform, seed: int) -> dict:
     if transform is None:
         return {"path": path, "labels": labels, "image": pil_to_tensor(image)}
     out = transform(image, seed)
@@ -293,7 +293,7 @@ class WeakLabelFolder(Dataset):
     """Images listed in a ``labels.jsonl`` file with their noisy tags.
 
     ``dataset[i]`` or ``dataset[(i, sample_seed)]`` (the form
-    :class:`DeterministicBatchSampler` yields). With a plain int the seed is ``i``.
+    :class:`~predet.data.samplers.DeterministicBatchSampler` yields). With a plain int the seed is ``i``.
     """
 
     def __init__(
@@ -308,7 +308,7 @@ class WeakLabelFolder(Dataset):
         if vocab is None:
             vocab = Vocabulary.build(self.records)
         else:
-            _check_labels(self.records, vocab, labels_file)
+            check_labels(self.records, vocab, labels_file)
         self.vocab = vocab
         self.transform = transform
 
@@ -321,20 +321,15 @@ class WeakLabelFolder(Dataset):
         else:
             index = seed = int(key)
         record = self.records[index]
-        image, reason = _try_open(record.image)
+        image, reason = try_open(record.image)
         if image is None:
-            return _skipped(record.image, reason)
+            return skipped_sample(record.image, reason)
         labels = self.vocab.encode(record.labels)
-        return _make_sample(record.image, labels, image, self.transform, seed)
+        return make_sample(record.image, labels, image, self.transform, seed)
 
 
 # --------------------------------------------------------------------------------------
-# WebDataset shards
-# --------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------
-# Batching, skip counting, deterministic sampling
+# Batching
 # --------------------------------------------------------------------------------------
 
 

@@ -109,15 +109,6 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, packed.cpu().tolist()))
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Element-wise sum over ranks of a short list of floats (float64, one collective)."""
-    if not is_distributed():
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.cpu().tolist()
-
-
 def all_reduce_sum_ints(values: list[int]) -> list[int]:
     """Element-wise sum over ranks of a short list of ints (one collective)."""
     if not is_distributed():

@@ -5,8 +5,9 @@ hands over itself: ``trainer.iteration`` (steps done), ``trainer.model`` (unwrap
 every rank, in order, with the training RNG streams put back afterwards.
 
 The loop's own periodic work is two hooks here (metrics, checkpoints); the callers add the rest:
-periodic evaluation (``predet.evaluation.evaluate.PeriodicEvaluation``) and the pre-training's
-held-out diagnostics (``predet.evaluation.pretext.PretextDiagnosticsHook``).
+periodic evaluation (``predet.evaluation.evaluate.PeriodicEvaluation``), the pre-training's
+held-out diagnostics (``predet.evaluation.pretext.PretextDiagnosticsHook``) and transfer probe
+(``predet.evaluation.probe.TransferProbeHook``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from predet.config import ConfigError, SolverConfig
+from predet.config.choices import LR_SCHEDULES
 
-SCHEDULES = ("step", "cosine")
 # Autocast dtypes of ``solver.amp``: bf16 runs on CUDA and on the CPU (torch's CPU autocast);
 # fp16 needs a GradScaler against underflowing gradients.
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,8 +31,8 @@ NORM_TYPES: tuple[type, ...] = (
 
 def check_solver(solver: SolverConfig) -> None:
     """Reject schedules that would silently do something else than asked."""
-    if solver.schedule not in SCHEDULES:
-        raise ConfigError(f"solver.schedule must be one of {SCHEDULES}, got {solver.schedule!r}")
+    if solver.schedule not in LR_SCHEDULES:
+        raise ConfigError(f"solver.schedule must be one of {LR_SCHEDULES}, got {solver.schedule!r}")
     if list(solver.milestones) != sorted(solver.milestones):
         raise ConfigError(f"solver.milestones must be increasing, got {solver.milestones}")
     if solver.max_iters <= 0:
@@ -56,7 +56,7 @@ def lr_factor(iteration: int, solver: SolverConfig) -> float:
         progress = min(iteration, solver.max_iters) / max(solver.max_iters, 1)
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"solver.schedule must be one of {SCHEDULES}, got {solver.schedule!r}")
+        raise ValueError(f"solver.schedule must be one of {LR_SCHEDULES}, got {solver.schedule!r}")
     if iteration < solver.warmup_iters:
         alpha = iteration / solver.warmup_iters
         factor *= solver.warmup_factor * (1.0 - alpha) + alpha

@@ -3,7 +3,7 @@ references/detection loop and Detectron2's ``SimpleTrainer``.
 
 :class:`Trainer` holds a run's state and does one thing per iteration: read a batch, count what
 could not be read, step. Everything periodic is a hook (``predet.engine.hooks``): metrics,
-checkpoints, and what the caller adds (evaluation, pretext diagnostics). :func:`train` is the
+checkpoints, and what the caller adds (evaluation, pretext diagnostics, transfer probes). :func:`train` is the
 entry point the two halves call.
 
 Iteration numbers count completed optimizer steps: ``checkpoint_0000020.pth`` holds the state
@@ -461,7 +461,7 @@ def train(
     are logged. ``param_groups`` (or a function of the model returning them) overrides the
     default norm/bias-aware groups, e.g. to give a head an ``lr_mult``. ``extra_state``
     (plain data, e.g. a label vocabulary) and ``config_dict`` are saved in every checkpoint
-    and must match on resume. Hooks run on every rank (``predet.engine.hooks``). In a
-    distributed run the caller ends with ``cleanup()``.
+    and must match on resume. Hooks run on every rank (``predet.engine.hooks``). The process
+    group is the launch step's (``predet.engine.launch.launched``), which also ends it.
     """
     return Trainer(model, make_loader, solver, cfg, extra_state, param_groups, list(hooks), config_dict).run()

@@ -1,4 +1,6 @@
-"""COCO / LVIS evaluation of torchvision detectors, and drawings of what they found.
+"""COCO / LVIS metrics of torchvision detectors: scoring detections, scoring a whole data set
+(``evaluate_dataset_full``: sharded inference, then the metrics and AP per category on rank 0),
+and the results files (``results.json``, COCO results format).
 
 The metrics are the official COCO and LVIS ones, computed by faster-coco-eval (a C++
 reimplementation of pycocotools' ``COCOeval`` with LVIS's federated mode; the tests check it
@@ -159,14 +161,7 @@ def evaluate_lvis(
     return metrics
 
 
-# --------------------------------------------------------------------------- inference
-
-
-def collate_detection(samples: list) -> dict:
-    """The batch layout of the detection data module's ``collate_detection``; kept here so
-    evaluation does not depend on the training data pipeline."""
-    images, targets = zip(*samples)
-    return {"images": list(images), "targets": list(targets), "num_images": len(images)}
+# --------------------------------------------------------------------------- scoring a data set
 
 
 @dataclass
@@ -237,9 +232,6 @@ def evaluate_dataset(
 ) -> dict:
     """The metrics of :func:`evaluate_dataset_full` (periodic evaluations need no more)."""
     return evaluate_dataset_full(model, dataset, device, batch_size, num_workers, progress, collate_fn).metrics
-
-
-# --------------------------------------------------------------------------- drawings
 
 
 # --------------------------------------------------------------------------- output

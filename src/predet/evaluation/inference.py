@@ -80,7 +80,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 @dataclass
-class _Inference:
+class InferenceRun:
     results: list[dict] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
     has_masks: bool = False
@@ -113,8 +113,8 @@ def _run_batches(model, batches, device, cat_ids, progress: bool, total: int | N
     return out
 
 
-def _merge(parts: list[tuple], seconds: float) -> _Inference:
-    run = _Inference()
+def _merge(parts: list[tuple], seconds: float) -> InferenceRun:
+    run = InferenceRun()
     for results, ids, masks in parts:
         run.results.extend(results)
         run.image_ids.extend(ids)
@@ -125,7 +125,7 @@ def _merge(parts: list[tuple], seconds: float) -> _Inference:
 
 
 @torch.no_grad()
-def _infer(model, loader, device, progress: bool) -> _Inference:
+def _infer(model, loader, device, progress: bool) -> InferenceRun:
     """One pass over ``loader`` in this process, remembering which images ran and whether
     masks came out."""
     device = torch.device(device)
@@ -156,7 +156,7 @@ def shard_batches(num_items: int, batch_size: int, rank: int = 0, world_size: in
 
 @torch.no_grad()
 def inference_on_dataset(model, dataset, device="cpu", batch_size: int = 2, num_workers: int = 0,
-                         progress: bool = True, collate_fn=None) -> _Inference:
+                         progress: bool = True, collate_fn=None) -> InferenceRun:
     """Detections for every image of ``dataset``, in dataset order, on rank 0; every rank of a
     distributed run takes part (a collective) and runs its share of the batches, with
     ``num_workers`` loader workers. Other ranks get their own share's count in ``stats`` and no

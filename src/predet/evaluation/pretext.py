@@ -25,6 +25,7 @@ from predet.engine.distributed import (
     move_to_device,
 )
 from predet.engine.preemption import ignore_ctrl_c
+from predet.evaluation.inference import eval_mode
 from predet.modeling.predet.crpn import pairwise_iou
 
 logger = logging.getLogger(__name__)
@@ -135,21 +136,6 @@ def weak_label_scores(model, batch: dict) -> torch.Tensor:
     return model.cls_head(c5).float()
 
 
-@torch.no_grad()
-def evaluate_pretext(model, batches) -> dict:
-    """:func:`pretext_values` averaged over held-out two-view batches (one process)."""
-    return mean_over_batches([pretext_values(model, b) for b in batches if b.get("num_images")])
-
-
-@torch.no_grad()
-def evaluate_weak_labels(model, batches) -> dict:
-    """:func:`weak_label_signals` over held-out whole-image batches (one process)."""
-    pairs = [(weak_label_scores(model, b), b["labels"]) for b in batches if b.get("num_images")]
-    if not pairs:
-        return {}
-    return weak_label_signals(torch.cat([s.cpu() for s, _ in pairs]), torch.cat([t.cpu() for _, t in pairs]))
-
-
 def fixed_batches(keys: list, batch_size: int) -> list[list]:
     """``keys`` cut into consecutive batches: the same batches for any number of processes."""
     return [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
@@ -191,15 +177,13 @@ class PretextDiagnosticsHook:
     def run(self, model, device, rank: int = 0, world: int = 1) -> dict:
         """A collective when ``world`` > 1: every rank must call it; every rank gets the result."""
         device = torch.device(device)
-        was_training = model.training
-        model.eval()
-        pretext = [(k, pretext_values(model, b))
-                   for k, b in self._my_batches(self.pairs, self.pair_batches, self.collate, device, rank, world)
-                   if b.get("num_images")]
-        weak = [(k, weak_label_scores(model, b).cpu(), b["labels"].cpu())
-                for k, b in self._my_batches(self.images, self.image_batches, self.collate_images, device, rank,
-                                             world) if b.get("num_images")]
-        model.train(was_training)
+        with eval_mode(model):
+            pretext = [(k, pretext_values(model, b))
+                       for k, b in self._my_batches(self.pairs, self.pair_batches, self.collate, device, rank, world)
+                       if b.get("num_images")]
+            weak = [(k, weak_label_scores(model, b).cpu(), b["labels"].cpu())
+                    for k, b in self._my_batches(self.images, self.image_batches, self.collate_images, device,
+                                                 rank, world) if b.get("num_images")]
         parts = gather_to_main((pretext, weak))
         result = None
         if parts is not None:

@@ -5,8 +5,10 @@ The pretext signals rising is necessary, not sufficient: on FashionDet the prete
 pre-training iterations the probe writes the current weights and fine-tunes a small detector
 from them for a short, fixed budget (``probe.iters`` on ``probe.subset`` images of a fixed
 box-labelled set), scored on a fixed subset of that set's val split (``probe.val_subset``): ``probe/bbox/AP`` in ``metrics.jsonl``
-(and TensorBoard, and the pretext plot) at the iteration of the weights. The same probe from
-random weights, run once, is the floor it must beat (``probe/bbox/AP_scratch``).
+(and TensorBoard, and the pretext plot) at the iteration of the weights. The same budget from
+random weights, run once, is the floor it must beat (``probe/bbox/AP_scratch``); there the whole
+network trains (``predet finetune`` frees a frozen backbone that holds random weights), so the
+floor is, if anything, generous to random weights.
 
 A probe is an ordinary ``predet finetune`` run in its own process and folder
 (``RUN/probe/iterNNNNNNN/``, ``RUN/probe/scratch/``), with its schedule's decays placed inside its
@@ -25,6 +27,7 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from predet.checkpoint.io import save_checkpoint
@@ -40,7 +43,8 @@ from predet.errors import InputNotFound
 logger = logging.getLogger(__name__)
 
 METRICS = ("bbox/AP", "segm/AP")
-SCRATCH = "scratch"
+FLOOR = "scratch"  # the floor's folder and record name
+SCRATCH_INIT = "scratch"  # what ``init=`` takes for random weights
 
 
 def check_probe_config(cfg: ProbeConfig) -> None:
@@ -50,6 +54,9 @@ def check_probe_config(cfg: ProbeConfig) -> None:
     for key in ("data", "val"):
         if not Path(getattr(cfg, key)).is_file():
             raise InputNotFound(f"probe.{key}={getattr(cfg, key)}: no such file")
+    for key in ("images", "val_images"):
+        if getattr(cfg, key) and not Path(getattr(cfg, key)).is_dir():
+            raise InputNotFound(f"probe.{key}={getattr(cfg, key)}: no such folder")
     load_finetune_config(cfg.config, list(cfg.overrides))  # a bad probe.config or override: one line now
 
 
@@ -61,14 +68,12 @@ def probe_schedule_scale(cfg: ProbeConfig) -> float:
 
 
 def probe_val(cfg: ProbeConfig, root: Path) -> Path:
-    """The val file a probe is scored on: ``probe.val`` or its fixed ``val_subset`` (written once
-    under ``root``; the same images for every probe of the run)."""
+    """The val file a probe is scored on: ``probe.val`` or its fixed ``val_subset``, written under
+    ``root`` when the run starts (the same images for every probe; the same bytes for the same
+    file and size, and the current ``probe.val`` after a resume that changed it)."""
     if not cfg.val_subset or len(json.loads(Path(cfg.val).read_text()).get("images", [])) <= cfg.val_subset:
         return Path(cfg.val)
-    path = subset_path(cfg.val, cfg.val_subset, 0, root)
-    if not path.is_file():
-        write_subset(cfg.val, cfg.val_subset, 0, path)
-    return path
+    return write_subset(cfg.val, cfg.val_subset, 0, subset_path(cfg.val, cfg.val_subset, 0, root))
 
 
 def probe_command(cfg: ProbeConfig, init: str, run_dir: Path, scale: float, val: Path | None = None) -> list[str]:
@@ -90,18 +95,32 @@ def read_probe(run_dir: Path) -> dict | None:
         results = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    return {m: results.get("val", {}).get(m) for m in METRICS if results.get("val", {}).get(m) is not None}
+    metrics = {m: results.get("val", {}).get(m) for m in METRICS if results.get("val", {}).get(m) is not None}
+    return metrics or None
+
+
+@dataclass
+class RunningProbe:
+    process: subprocess.Popen
+    started: float
+    run_dir: Path
+    iteration: int
 
 
 class TransferProbeHook:
-    """Launches, watches and logs the probes of a pre-training run (rank 0 does the work)."""
+    """Launches, watches and logs the probes of a pre-training run (rank 0 does the work).
+
+    At most ``MAX_RUNNING`` probes run at once: when probes take longer than ``probe.period``
+    iterations, the run waits for the oldest instead of piling them up on its cores."""
+
+    MAX_RUNNING = 2
 
     def __init__(self, cfg: ProbeConfig):
         self.cfg = cfg
         self.scale = probe_schedule_scale(cfg)
-        self.running: dict[str, tuple[subprocess.Popen, float, Path, int]] = {}
+        self.running: dict[str, RunningProbe] = {}
         self.waited = 0.0  # seconds the run spent waiting for probes
-        self.val: Path | None = None
+        self.val_file: Path | None = None  # the (subset of the) val split every probe is scored on
 
     # ------------------------------------------------------------------ hooks
 
@@ -109,12 +128,12 @@ class TransferProbeHook:
         if trainer.rank != 0:
             return
         root = Path(trainer.run_dir) / "probe"
-        self.val = probe_val(self.cfg, root)
+        self.val_file = probe_val(self.cfg, root)
         logged = self._logged(trainer)
-        if not read_probe(root / SCRATCH):
-            self._launch(trainer, SCRATCH, SCRATCH, 0)
-        elif SCRATCH not in logged:
-            self._log(trainer, SCRATCH, 0, root / SCRATCH, None)
+        if not read_probe(root / FLOOR):
+            self._launch(trainer, FLOOR, SCRATCH_INIT, 0)
+        elif FLOOR not in logged:
+            self._log(trainer, FLOOR, 0, root / FLOOR, None)
         # what a killed run left: finished probes not logged yet, started ones to finish
         for folder in sorted(root.glob("iter*")) if root.is_dir() else []:
             it = int(folder.name.removeprefix("iter"))
@@ -133,11 +152,11 @@ class TransferProbeHook:
             folder = Path(trainer.run_dir) / "probe" / f"iter{it:07d}"
             if read_probe(folder):  # a resumed run back at weights it probed before (bit-exact)
                 self._log(trainer, folder.name, it, folder, None)
-                return self._collect(trainer, wait=not self.cfg.background)
-            weights = folder / "init.pth"
-            save_checkpoint(weights, {"model": trainer.model.state_dict(), "iteration": it,
-                                      "config": trainer.config_dict, "extra_state": trainer.extra_state})
-            self._launch(trainer, folder.name, str(weights), it)
+            else:
+                weights = folder / "init.pth"
+                save_checkpoint(weights, {"model": trainer.model.state_dict(), "iteration": it,
+                                          "config": trainer.config_dict, "extra_state": trainer.extra_state})
+                self._launch(trainer, folder.name, str(weights), it)
         self._collect(trainer, wait=not self.cfg.background)
 
     def after_train(self, trainer) -> None:
@@ -152,21 +171,26 @@ class TransferProbeHook:
     # ------------------------------------------------------------------ work
 
     def _launch(self, trainer, name: str, init: str, iteration: int) -> None:
+        while len(self.running) >= self.MAX_RUNNING:
+            self._collect(trainer, wait=True, only=next(iter(self.running)))
         run_dir = Path(trainer.run_dir) / "probe" / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(run_dir / "probe.log", "ab")
-        cmd = probe_command(self.cfg, init, run_dir, self.scale, self.val)
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
-        log.flush()
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=standalone_env(self.cfg.threads),
-                                   preexec_fn=die_with_parent if sys.platform == "linux" else None)
-        log.close()
-        self.running[name] = (process, time.time(), run_dir, iteration)
+        cmd = probe_command(self.cfg, init, run_dir, self.scale, self.val_file)
+        with open(run_dir / "probe.log", "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                       env=standalone_env(self.cfg.threads),
+                                       preexec_fn=die_with_parent if sys.platform == "linux" else None)
+        self.running[name] = RunningProbe(process, time.time(), run_dir, iteration)
 
-    def _collect(self, trainer, wait: bool) -> None:
-        """Log the probes that finished (all of them, waiting, when ``wait``)."""
+    def _collect(self, trainer, wait: bool, only: str | None = None) -> None:
+        """Log the probes that finished (all of them, or ``only`` that one, waiting, when ``wait``)."""
         start = time.time()
-        for name, (process, started, run_dir, iteration) in list(self.running.items()):
+        for name, probe in list(self.running.items()):
+            if only is not None and name != only:
+                continue
+            process, run_dir = probe.process, probe.run_dir
             if wait:
                 process.wait()
             if process.poll() is None:
@@ -177,23 +201,26 @@ class TransferProbeHook:
                 logger.warning("transfer probe %s failed (exit %s), see %s: %s", name, process.returncode,
                                run_dir / "probe.log", " | ".join(tail))
                 continue
-            self._log(trainer, name, iteration, run_dir, time.time() - started)
+            if not self._log(trainer, name, probe.iteration, run_dir, time.time() - probe.started):
+                logger.warning("transfer probe %s finished without val metrics; see %s", name, run_dir / "probe.log")
         if wait:
             self.waited += time.time() - start
 
-    def _log(self, trainer, name: str, iteration: int, run_dir: Path, seconds: float | None) -> None:
+    def _log(self, trainer, name: str, iteration: int, run_dir: Path, seconds: float | None) -> bool:
+        """Write a finished probe's record; False when it has no val metrics."""
         metrics = read_probe(run_dir)
         if not metrics:
-            return
-        suffix = "_scratch" if name == SCRATCH else ""
+            return False
+        suffix = "_scratch" if name == FLOOR else ""
         record = {"iteration": iteration, "probe": name, **{f"probe/{m}{suffix}": v for m, v in metrics.items()}}
         if seconds is not None:
             record[f"probe/seconds{suffix}"] = seconds
         trainer.writer.write(record)
         _tidy(run_dir)
-        what = "from random weights (the floor)" if name == SCRATCH else f"from iteration {iteration}'s weights"
+        what = "from random weights (the floor)" if name == FLOOR else f"from iteration {iteration}'s weights"
         logger.info("transfer probe %s: val box AP %.1f%s", what, 100 * metrics.get("bbox/AP", float("nan")),
                     f" ({seconds:.0f} s)" if seconds is not None else "")
+        return True
 
     @staticmethod
     def _logged(trainer) -> set[str]:

@@ -1,6 +1,5 @@
 """Pictures of predictions: boxes, labels and masks drawn on the image (``eval.visualize``)."""
 
-
 from __future__ import annotations
 
 from pathlib import Path

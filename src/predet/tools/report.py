@@ -7,7 +7,7 @@ settings (a sweep folder), the one with the best validation box AP is shown, as 
 reports its best setting, and the choice is listed under the table.
 
 A run's pre-training label is the name of the pre-training run its ``init`` came from (see
-``predet.tools.sweep.pretraining_label``), unless ``labels.json`` or ``--label DIR=NAME`` says
+``predet.config.choices.pretraining_label``), unless ``labels.json`` or ``--label DIR=NAME`` says
 otherwise.
 """
 

@@ -1,6 +1,6 @@
-"""A sweep's grid: ``key=v1,v2`` arguments (short names for the searched keys, the supplement's
-named grids), the runs they expand to, their folder names and their overrides."""
-
+"""A sweep's grid: ``key=v1,v2`` arguments in the command line's grammar (``predet.config``), with
+short names for the searched keys (``lr``, ``gamma``, ``lr_mf``, ``schedule``, ``init``, ``wd``)
+and the supplement's named grids; the runs they expand to, their folder names and overrides."""
 
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ from typing import Any, Iterable
 
 from predet.config import ConfigError, parse_override
 from predet.config.choices import pretraining_label
-
-FAILED_FILE = "failed.json"  # in a run folder: the run failed deterministically (exit 2)
-USER_ERROR_EXIT = 2
-
 
 SHORT_KEYS: dict[str, str] = {
     "lr": "solver.lr",

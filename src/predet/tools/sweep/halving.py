@@ -7,10 +7,13 @@ Budgets are fractions of the config's named schedule: rung ``r`` of ``R`` runs
 (2/3 and 8/9 of a 1x) fall inside its own budget and its final AP is a finished run's, not a
 run cut before its decays. Each rung keeps ``max(1, n // eta)`` points by their mean val metric
 (ties: grid order); the test split is never looked at, and a rung below the full budget does
-not evaluate it at all. Every rung is an ordinary sweep folder (``OUT/rung<r>/``, one seed per
-point), so a killed search resumes where it was: finished runs are read back, the survivors
-re-derived from them, and only what is missing runs. The winner's other seeds run in the last
-rung's folder beside its seed 0.
+not evaluate it at all. Every rung is an ordinary sweep folder named by its rung and budget
+(``OUT/rung0_budget0.1111/``, one seed per point), so a killed search resumes where it was:
+finished runs are read back, the survivors re-derived from them, and only what is missing runs;
+a search with another ``eta`` or ``rungs`` gets other folders. The winner's other seeds run in
+the last rung's folder beside its seed 0 (``winner_summary.json`` there; ``summary.json`` keeps
+the rung's comparison). The planned cost counts full runs of one schedule: a grid over
+``schedule`` itself (``small_data``) costs more than it says.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Callable, Iterable
 from predet.checkpoint.atomic import atomic_write
 from predet.config import ConfigError
 from predet.config.finetune import load_finetune_config
+from predet.errors import DataError
 from predet.tools.sweep.grid import expand_grid, run_name
 from predet.tools.sweep.launch import LAUNCHERS
-from predet.tools.sweep.results import aggregate_settings
+from predet.tools.sweep.results import ranked_settings
 from predet.tools.sweep.run import check_inputs, run_points
 
 
@@ -51,9 +55,15 @@ def planned_cost(points: int, eta: int, rungs: int, seeds: int = 1) -> float:
 
 def best_points(summary: dict, metric: str, keep: int) -> list[dict]:
     """The ``keep`` settings with the highest mean val ``metric``; ties keep grid order."""
-    scored = [(-(s["val"][metric]["mean"]), i, s["settings"]) for i, s in enumerate(aggregate_settings(summary["runs"]))
-              if s.get("val", {}).get(metric, {}).get("mean") is not None]
-    return [settings for _, _, settings in sorted(scored)[:keep]]
+    return [entry["settings"] for entry in ranked_settings(summary["settings"], metric)[:keep]]
+
+
+def rung_folder(out_dir: Path, rung: int, budget: float) -> Path:
+    return out_dir / f"rung{rung}_budget{budget:.4g}"
+
+
+# keys a rung sets itself: a grid value for them would replace every rung's budget
+RUNG_OWNED_KEYS = ("schedule_scale", "solver.max_iters", "solver.milestones")
 
 
 def halving(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "bbox/AP",
@@ -67,6 +77,8 @@ def halving(config: str | Path | None, grid: dict, seeds: int = 3, metric: str =
     echo = echo or (lambda _text: None)
     overrides = list(overrides)
     grid = check_inputs(config, grid, overrides)
+    if owned := [k for k in grid if k in RUNG_OWNED_KEYS]:
+        raise ConfigError(f"--search halving sets {', '.join(owned)} for each rung's budget; take it out of the grid")
     base = load_finetune_config(config, overrides)
     if not base.schedule:
         raise ConfigError("--search halving needs a named schedule (schedule=1x, ...): each rung runs a fraction "
@@ -85,22 +97,24 @@ def halving(config: str | Path | None, grid: dict, seeds: int = 3, metric: str =
             if not last:
                 rung_overrides.append("data.test=")  # a partial budget is never reported, so never tested
             echo(f"== rung {r + 1}/{len(budgets)}: {len(points)} point(s) at {budget:.3g} of the schedule")
-            summary = run_points(config, points, 1, metric, out_dir / f"rung{r}", rung_overrides, launcher, nproc,
+            folder = rung_folder(out_dir, r, budget)
+            summary = run_points(config, points, 1, metric, folder, rung_overrides, launcher, nproc,
                                  echo, retry_failed, launcher_opts, info={"rung": r, "budget": budget})
             keep = 1 if last else max(1, len(points) // eta)
             survivors = best_points(summary, metric, keep)
             record["rungs"].append({"rung": r, "budget": budget, "points": [run_name(p) for p in points],
                                     "kept": [run_name(p) for p in survivors], "seconds": _seconds(summary)})
             if not survivors:
-                raise RuntimeError(f"halving: no run of rung {r} has a val {metric}; see {out_dir / f'rung{r}'}")
+                raise DataError(f"halving: no run of rung {r} has a val {metric}; see the runs' log.txt in {folder}")
             points = survivors
         winner = points[0]
         echo(f"== the winner, {run_name(winner)}: {seeds} seed(s) at the full schedule")
-        final = run_points(config, [winner], seeds, metric, out_dir / f"rung{len(budgets) - 1}", rung_overrides,
-                           launcher, nproc, echo, retry_failed, launcher_opts, info={"rung": "winner"})
+        final = run_points(config, [winner], seeds, metric, folder, rung_overrides, launcher, nproc, echo,
+                           retry_failed, launcher_opts, info={"rung": "winner", "budget": 1.0},
+                           summary_name="winner_summary")
         extra = [r for r in final["runs"] if r["seed"] > 0]
         record.update(winner=winner, winner_name=run_name(winner), best=final["best"],
-                      winner_seconds=sum(r.get("seconds") or 0 for r in extra),
+                      extra_seed_seconds=sum(r.get("seconds") or 0 for r in extra),
                       seconds=sum(r["seconds"] for r in record["rungs"]) + sum(r.get("seconds") or 0 for r in extra),
                       planned_cost=planned_cost(len(expand_grid(grid)), eta, len(budgets), seeds))
         atomic_write(out_dir / "halving.json", lambda f: f.write(json.dumps(record, indent=1, default=str) + "\n"),

@@ -2,7 +2,6 @@
 side, a few threads each), under torchrun, or as SLURM jobs through submitit. A run's process
 dies with the sweep that launched it."""
 
-
 from __future__ import annotations
 
 import os
@@ -15,10 +14,6 @@ from pathlib import Path
 from predet.config import ConfigError
 from predet.engine.processes import die_with_parent, thread_env
 from predet.tools.sweep.grid import run_overrides
-
-FAILED_FILE = "failed.json"  # in a run folder: the run failed deterministically (exit 2)
-USER_ERROR_EXIT = 2
-
 
 LAUNCHERS = ("local", "torchrun", "submitit")
 

@@ -1,7 +1,6 @@
 """A sweep's results: each run's ``results.json``, the mean and std of every metric per grid
 point, the setting chosen on val, and ``summary.json``/``summary.csv``."""
 
-
 from __future__ import annotations
 
 import csv
@@ -11,9 +10,6 @@ from pathlib import Path
 
 from predet.checkpoint.atomic import atomic_write
 from predet.tools.stats import mean_std
-
-FAILED_FILE = "failed.json"  # in a run folder: the run failed deterministically (exit 2)
-USER_ERROR_EXIT = 2
 
 
 def checkpoint_iteration(run_dir: Path) -> int | None:
@@ -61,27 +57,31 @@ def aggregate_settings(rows: list[dict]) -> list[dict]:
     return out
 
 
+def ranked_settings(settings: list[dict], metric: str = "bbox/AP") -> list[dict]:
+    """Aggregated settings (``aggregate_settings``) that have a val ``metric``, best first; ties
+    keep grid order. Only ``val`` is looked at: the test split is for reporting."""
+    scored = [(-entry["val"][metric]["mean"], i, entry) for i, entry in enumerate(settings)
+              if entry.get("val", {}).get(metric, {}).get("mean") is not None]
+    return [entry for _, _, entry in sorted(scored, key=lambda t: t[:2])]
+
+
 def select_best(rows: list[dict], metric: str = "bbox/AP") -> dict:
-    """The grid point with the highest validation ``metric`` (mean over its finished seeds).
-
-    Only ``val`` is looked at: the test split is for reporting. Ties keep the earlier grid
-    point. Returns that point's aggregate (see ``aggregate_settings``) plus ``metric``, ``mean``
-    and ``std``; ``{}`` when no run has the metric.
-    """
-    best: dict = {}
-    for entry in aggregate_settings(rows):
-        stats = entry["val"].get(metric)
-        if stats and (not best or stats["mean"] > best["mean"]):
-            best = {**entry, "metric": metric, "mean": stats["mean"], "std": stats["std"]}
-    return best
+    """The grid point with the highest validation ``metric`` (mean over its finished seeds):
+    its aggregate (see ``aggregate_settings``) plus ``metric``, ``mean`` and ``std``; ``{}``
+    when no run has the metric."""
+    ranked = ranked_settings(aggregate_settings(rows), metric)
+    if not ranked:
+        return {}
+    stats = ranked[0]["val"][metric]
+    return {**ranked[0], "metric": metric, "mean": stats["mean"], "std": stats["std"]}
 
 
-def write_summary(out_dir: Path, info: dict, rows: list[dict], metric: str) -> dict:
-    """``summary.json`` (runs, per-setting mean/std, best) and ``summary.csv`` (one row a run)."""
+def write_summary(out_dir: Path, info: dict, rows: list[dict], metric: str, name: str = "summary") -> dict:
+    """``NAME.json`` (runs, per-setting mean/std, best) and ``NAME.csv`` (one row a run)."""
     summary = {**info, "metric": metric, "selection_split": "val", "runs": rows,
                "settings": aggregate_settings(rows), "best": select_best(rows, metric)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1, default=str) + "\n"), mode="w")
+    atomic_write(out_dir / f"{name}.json", lambda f: f.write(json.dumps(summary, indent=1, default=str) + "\n"), mode="w")
     setting_keys = list(dict.fromkeys(k for r in rows for k in r["settings"]))
     metric_keys = {s: sorted({k for r in rows for k in (r.get(s) or {}) if "/" in k}) for s in ("val", "test")}
     header = (["name", "seed", "status", *setting_keys]
@@ -94,5 +94,5 @@ def write_summary(out_dir: Path, info: dict, rows: list[dict], metric: str) -> d
                      + [(r.get(s) or {}).get(k, "") for s in ("val", "test") for k in metric_keys[s]]
                      + [f"{r['seconds']:.0f}" if r.get("seconds") is not None else "", r["run_dir"],
                         error[-1] if error else ""])
-    atomic_write(out_dir / "summary.csv", lambda f: csv.writer(f).writerows(lines), mode="w")
+    atomic_write(out_dir / f"{name}.csv", lambda f: csv.writer(f).writerows(lines), mode="w")
     return summary

@@ -1,4 +1,5 @@
-"""``predet sweep``: grid search of fine-tuning settings × seeds, as the supplement does it.
+"""``predet sweep``: every grid point x seed, as the supplement searches (``sweep``), and the
+runner a halving rung uses too (``run_points``; ``check_inputs`` refuses what would fail every run).
 
 Every grid point and seed is one ``predet finetune`` run in its own directory,
 ``OUT/<run name>/seed<k>``, launched as a separate process so that a crash or an OOM in one
@@ -10,9 +11,6 @@ was killed or crashed is retried on the next call. A sweep folder is held by one
 (``.lock``), and a run's process dies with the sweep that launched it. The best
 setting is chosen on the validation split only (mean over seeds); test numbers are reported,
 never used to choose.
-
-Grid values use the ``key=value`` grammar of the command line (``predet.config``), with short
-names for the searched keys (``lr``, ``gamma``, ``lr_mf``, ``schedule``, ``init``, ``wd``).
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from typing import Callable, Iterable
 
 from predet.checkpoint.atomic import atomic_write
 from predet.config import ConfigError, parse_override
+from predet.engine.runfolder import run_folder
 from predet.tools.sweep.grid import (
     SHORT_KEYS,
     SWEEP_OWNED_KEYS,
@@ -89,7 +88,7 @@ def _progress_line(i: int, total: int, row: dict, metric: str) -> str:
 def check_inputs(config, grid: dict, overrides: list[str]) -> dict:
     """Fail before any run starts on what would fail every run: bad keys, a broken base config."""
     from predet.config import valid_keys
-    from predet.finetune import FinetuneConfig, load_finetune_config
+    from predet.config.finetune import FinetuneConfig, load_finetune_config
 
     grid = normalize_grid(grid)
     for text in overrides:
@@ -113,8 +112,8 @@ def config_drift(run: dict, config, overrides: list[str]) -> list[str]:
     import yaml
 
     from predet.config import to_dict
+    from predet.config.finetune import load_finetune_config
     from predet.engine.resume import config_differences
-    from predet.finetune import load_finetune_config
 
     saved = Path(run["run_dir"]) / "config.yaml"
     if not saved.is_file():
@@ -157,7 +156,7 @@ def _initial_row(run: dict, config, overrides: list[str], retry_failed: bool = F
     return row
 
 
-def _closing_lines(summary: dict, metric: str) -> list[str]:
+def _closing_lines(summary: dict, metric: str, name: str = "summary") -> list[str]:
     best, rows = summary["best"], summary["runs"]
     lines = []
     if best:
@@ -173,7 +172,7 @@ def _closing_lines(summary: dict, metric: str) -> list[str]:
         lines.append(f"{deterministic} of {len(rows)} run(s) failed on their inputs (exit 2, see each "
                      "log.txt); they are not retried: fix them, then add --retry-failed")
     out = Path(summary["out_dir"])
-    lines.append(f"summary: {out / 'summary.json'}, {out / 'summary.csv'}")
+    lines.append(f"summary: {out / f'{name}.json'}, {out / f'{name}.csv'}")
     return lines
 
 
@@ -197,24 +196,22 @@ def sweep(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "
     overrides = list(overrides)
     grid = check_inputs(config, grid, overrides)
     out_dir = Path(out_dir)
-    from predet.engine.runfolder import (
-        run_folder,  # (imports torch: not at module level)
-    )
-
     with run_folder(out_dir, "sweep"):
         return run_points(config, expand_grid(grid), seeds, metric, out_dir, overrides, launcher, nproc, echo,
                           retry_failed, launcher_opts, info={"grid": grid})
 
 
 def run_points(config, points: list[dict], seeds: int, metric: str, out_dir: Path, overrides: list[str],
-               launcher: str, nproc: int, echo, retry_failed: bool, launcher_opts: dict, info: dict) -> dict:
+               launcher: str, nproc: int, echo, retry_failed: bool, launcher_opts: dict, info: dict,
+               summary_name: str = "summary") -> dict:
     """Every setting of ``points`` x ``seeds`` in ``out_dir`` (the caller holds its lock): what
-    a sweep runs for its grid, and a halving search for each rung."""
+    a sweep runs for its grid, and a halving search for each rung. The summary goes to
+    ``out_dir/<summary_name>.json`` and ``.csv``."""
     info = {"config": str(config) if config else None, "overrides": overrides, **info,
             "seeds": int(seeds), "launcher": launcher, "out_dir": str(out_dir)}
     rows = [_initial_row(run, config, overrides, retry_failed) for run in plan_points(points, seeds, out_dir)]
     position = {id(r): i + 1 for i, r in enumerate(rows)}
-    write_summary(out_dir, info, rows, metric)
+    write_summary(out_dir, info, rows, metric, summary_name)
     for row in rows:
         if row["skipped"]:
             echo(_progress_line(position[id(row)], len(rows), row, metric))
@@ -224,9 +221,9 @@ def run_points(config, points: list[dict], seeds: int, metric: str, out_dir: Pat
     for row, outcome in zip(pending, outcomes):
         _finish_row(row, outcome)
         echo(_progress_line(position[id(row)], len(rows), row, metric))
-        write_summary(out_dir, info, rows, metric)
+        write_summary(out_dir, info, rows, metric, summary_name)
 
-    summary = write_summary(out_dir, info, rows, metric)
-    for line in _closing_lines(summary, metric):
+    summary = write_summary(out_dir, info, rows, metric, summary_name)
+    for line in _closing_lines(summary, metric, summary_name):
         echo(line)
     return summary
