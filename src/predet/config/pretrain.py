@@ -133,7 +133,7 @@ class ProbeConfig:
     freeze_backbone: bool = True
     subset: int = 200  # its training images (0: all of data)
     val_subset: int = 100  # at most this many val images score it, a fixed random subset (0: all of val)
-    period: int = 200  # pre-training iterations between probes (and one at the end)
+    period: int = 400  # pre-training iterations between probes (and one at the end)
     seed: int = 0
     threads: int = 1  # CPU threads of a probe's process (0: as many as it likes)
     device: str = "cpu"  # where a probe runs: beside a GPU run, the CPU takes no GPU memory from it
