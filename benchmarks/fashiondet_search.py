@@ -16,7 +16,9 @@ over 3 seeds), and the search's cost in CPU-minutes (the sum of its runs' wall t
 thread each), halving's as a fraction of the exhaustive grid's. Goal: the same or a better test
 AP at <= 1/3 of the cost.
 
-Writes ``search.json`` (format 1) and ``search.md`` to ``--results``. Everything resumes: rerun the
+``--eta``, ``--rungs`` and ``--rung-val-subset`` (the short rungs scored on a fixed val subset)
+run another halving beside the default one, in its own folder; the grid and the finals are read
+back. Writes ``search.json`` (format 1) and ``search.md`` to ``--results``. Everything resumes: rerun the
 same command (finished runs are read back, not rerun).
 Usage:
     python benchmarks/fashiondet_search.py [--out runs/bench_search] [--predet CKPT] [--lanes 2]
@@ -54,13 +56,22 @@ def run_seconds(summary: dict) -> float:
     return sum(r.get("seconds") or 0 for r in summary["runs"])
 
 
-def searches(out: Path, init_name: str, init: str, base: list[str], lanes: int, eta: int, rungs: int) -> dict:
+def halving_folder(eta: int, rungs: int, val_subset: int) -> str:
+    """``halving`` for the default search; other settings get their own folder, beside it."""
+    if (eta, rungs, val_subset) == (3, 3, 0):
+        return "halving"
+    return f"halving_eta{eta}_rungs{rungs}" + (f"_val{val_subset}" if val_subset else "")
+
+
+def searches(out: Path, init_name: str, init: str, base: list[str], lanes: int, eta: int, rungs: int,
+             val_subset: int = 0) -> dict:
     """Both searches for one initialisation, then their winners' final seeds."""
     grid = parse_grid_args(GRID)
     search = [*base, f"init={init}", "data.test="]
     opts = dict(seeds=1, overrides=search, jobs=lanes, threads=1, echo=ladder._echo(f"{init_name}"))
     exhaustive = sweep(ladder.FINETUNE_CONFIG, grid, out_dir=out / init_name / "grid", **opts)
-    halved = halving(ladder.FINETUNE_CONFIG, grid, out_dir=out / init_name / "halving", eta=eta, rungs=rungs, **opts)
+    halved = halving(ladder.FINETUNE_CONFIG, grid, out_dir=out / init_name / halving_folder(eta, rungs, val_subset),
+                     eta=eta, rungs=rungs, val_subset=val_subset, **opts)
     winners = {"exhaustive": exhaustive["best"]["settings"], "halving": halved["winner"]}
     finals = {}
     for arm, settings in winners.items():
@@ -113,7 +124,9 @@ def write_markdown(record: dict, path: Path) -> None:
     lines = ["# Successive halving against the exhaustive grid (FashionDet, 1x)", "",
              f"Grid: supplement Table 1 ({record['points']} points: lr x gamma x lr_mf); halving eta "
              f"{record['eta']}, {record['rungs']} rungs (planned cost {100 * record['planned_cost_fraction']:.0f} % "
-             "of the grid's runs). Test AP: the chosen setting, 3 seeds at the full 1x.", "",
+             "of the grid's runs), short rungs scored on "
+             + (f"{record['rung_val_subset']} val images" if record.get("rung_val_subset") else "all of val")
+             + ". Test AP: the chosen setting, 3 seeds at the full 1x.", "",
              "| init | search | chosen setting | val box AP (search) | test box AP | test mask AP | search CPU-min |",
              "|---|---|---|---|---|---|---|"]
     for init, s in record["inits"].items():
@@ -139,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--inits", nargs="+", default=["scratch", "predet"], choices=["scratch", "predet"])
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--rungs", type=int, default=3)
+    parser.add_argument("--rung-val-subset", type=int, default=0,
+                        help="score the rungs below the full budget on this many val images (0: all)")
     parser.add_argument("--lanes", type=int, default=2, help="runs side by side, one CPU thread each")
     args = parser.parse_args(argv)
     if not is_current_build(args.data):
@@ -151,10 +166,11 @@ def main(argv=None) -> int:
     base = base_overrides(args.data)
     points = len(expand_grid(parse_grid_args(GRID)))
     record = {"format_version": FORMAT_VERSION, "grid": GRID, "points": points, "eta": args.eta, "rungs": args.rungs,
+              "rung_val_subset": args.rung_val_subset,
               "planned_cost_fraction": planned_cost(points, args.eta, args.rungs) / points,
               "predet_checkpoint": predet, "command": " ".join(sys.argv), "inits": {}}
     for name in args.inits:
-        found = searches(args.out, name, inits[name], base, args.lanes, args.eta, args.rungs)
+        found = searches(args.out, name, inits[name], base, args.lanes, args.eta, args.rungs, args.rung_val_subset)
         record["inits"][name] = summarize(name, found, points, args.eta, args.rungs)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "search.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -152,10 +152,13 @@ def cmd_sweep(args) -> int:
                   launcher=args.launcher, nproc=args.nproc, slurm_partition=args.slurm_partition,
                   slurm_time=args.slurm_time, gpus_per_node=args.gpus_per_node, jobs=args.jobs,
                   threads=args.threads, retry_failed=args.retry_failed)
+    if args.rung_val_subset and args.search != "halving":
+        raise ConfigError("--rung-val-subset scores a halving search's short rungs; add --search halving")
     if args.search == "halving":
         from predet.tools.sweep.halving import halving
 
-        record = halving(args.config, parse_grid_args(args.grid), eta=args.eta, rungs=args.rungs, **common)
+        record = halving(args.config, parse_grid_args(args.grid), eta=args.eta, rungs=args.rungs,
+                         val_subset=args.rung_val_subset, **common)
         return 0 if record.get("best") else 1
     summary = sweep(args.config, parse_grid_args(args.grid), **common)
     return 1 if any(r["status"] == "failed" for r in summary["runs"]) else 0
@@ -287,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid: every point x --seeds; halving: successive halving, --seeds for the winner only")
     p.add_argument("--eta", type=positive_int, default=3, help="halving: keep 1/eta of the points per rung")
     p.add_argument("--rungs", type=positive_int, default=3, help="halving: budgets eta^-(rungs-1) .. 1 of the schedule")
+    p.add_argument("--rung-val-subset", type=non_negative_int, default=0, metavar="N",
+                   help="halving: score the rungs below the full budget on a fixed N-image subset of data.val (0: all)")
     p.add_argument("--retry-failed", action="store_true",
                    help="relaunch runs that failed on their inputs (exit 2); killed runs are always retried")
     p.set_defaults(func=cmd_sweep)

@@ -103,3 +103,42 @@ def test_the_cli_runs_a_halving_search(tmp_path, monkeypatch, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "halving chose lr0.04" in out and (tmp_path / "halving.json").is_file()
+
+
+def _val_file(path: Path, images: int) -> Path:
+    records = [{"id": i + 1, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(images)]
+    annotations = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400,
+                    "iscrowd": 0} for i in range(images)]
+    path.write_text(json.dumps({"images": records, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "thing"}]}))
+    return path
+
+
+def test_short_rungs_score_on_a_fixed_val_subset_and_the_last_rung_on_all_of_val(tmp_path, monkeypatch):
+    fake = FakeRuns()
+    monkeypatch.setattr(sweep_launch, "run_command", fake)
+    val = _val_file(tmp_path / "val.json", 10)
+    out = tmp_path / "search"
+    record = halving(CPU_FINETUNE_CONFIG, {"lr": [0.01, 0.02, 0.03, 0.04]}, seeds=2, out_dir=out, eta=2, rungs=2,
+                     echo=None, overrides=["schedule_scale=1", f"data.val={val}"], val_subset=3)
+    short = [args for run_dir, args in fake.launched if run_dir.parent.parent.name == "rung0_budget0.5_val3"]
+    full = [args for run_dir, args in fake.launched if run_dir.parent.parent.name == "rung1_budget1"]
+    assert len(short) == 4 and len(full) == 3  # the two survivors, then the winner's second seed
+    subset = {args["data.val"] for args in short}
+    assert len(subset) == 1 and Path(subset.pop()).parent == out
+    assert len(json.loads(Path(short[0]["data.val"]).read_text())["images"]) == 3
+    assert all(args["data.val"] == str(val) for args in full)  # the user's val, not the subset
+    assert record["val_subset"] == 3 and record["winner_name"] == "lr0.04"
+    # a val split no larger than the subset is used whole, in the plain rung folders
+    small = _val_file(tmp_path / "small.json", 3)
+    record = halving(CPU_FINETUNE_CONFIG, {"lr": [0.01, 0.02]}, out_dir=tmp_path / "small_search", eta=2, rungs=2,
+                     echo=None, overrides=["schedule_scale=1", f"data.val={small}"], val_subset=3)
+    assert record["val_subset"] == 0 and (tmp_path / "small_search" / "rung0_budget0.5").is_dir()
+
+
+def test_the_rung_val_subset_is_only_for_halving(tmp_path, capsys):
+    from predet.cli import main as cli_main
+
+    code = cli_main(["sweep", "--config", str(CPU_FINETUNE_CONFIG), "--grid", "lr=0.01,0.02", "--rung-val-subset", "50",
+                     "--out", str(tmp_path)])
+    assert code == 2 and "--search halving" in capsys.readouterr().err

@@ -10,7 +10,10 @@ run cut before its decays. Each rung keeps ``max(1, n // eta)`` points by their 
 not evaluate it at all. Every rung is an ordinary sweep folder named by its rung and budget
 (``OUT/rung0_budget0.1111/``, one seed per point), so a killed search resumes where it was:
 finished runs are read back, the survivors re-derived from them, and only what is missing runs;
-a search with another ``eta`` or ``rungs`` gets other folders. The winner's other seeds run in
+a search with another ``eta`` or ``rungs`` gets other folders. With ``val_subset`` N the rungs
+below the full budget are scored on a fixed random N-image subset of ``data.val`` (evaluating a
+whole val split is a fixed cost per run that a short rung cannot amortise: on FashionDet it is
+over half of a 1/9-budget run); the last rung and the winner use all of val. The winner's other seeds run in
 the last rung's folder beside its seed 0 (``winner_summary.json`` there; ``summary.json`` keeps
 the rung's comparison). The planned cost counts full runs of one schedule: a grid over
 ``schedule`` itself (``small_data``) costs more than it says.
@@ -25,6 +28,7 @@ from typing import Callable, Iterable
 from predet.checkpoint.atomic import atomic_write
 from predet.config import ConfigError
 from predet.config.finetune import load_finetune_config
+from predet.data.coco_json import load_coco_json, load_lvis_json, subset_path, write_subset
 from predet.errors import DataError
 from predet.tools.sweep.grid import expand_grid, run_name
 from predet.tools.sweep.launch import LAUNCHERS
@@ -58,8 +62,22 @@ def best_points(summary: dict, metric: str, keep: int) -> list[dict]:
     return [entry["settings"] for entry in ranked_settings(summary["settings"], metric)[:keep]]
 
 
-def rung_folder(out_dir: Path, rung: int, budget: float) -> Path:
-    return out_dir / f"rung{rung}_budget{budget:.4g}"
+def rung_folder(out_dir: Path, rung: int, budget: float, val_subset: int = 0) -> Path:
+    return out_dir / (f"rung{rung}_budget{budget:.4g}" + (f"_val{val_subset}" if val_subset else ""))
+
+
+def rung_val(data, val_subset: int, out_dir: Path) -> tuple[str, int]:
+    """The val file the short rungs are scored on and its size (0: all of ``data.val``): a fixed
+    subset written under ``out_dir``, the same bytes on every resume."""
+    val = data.val
+    if not val_subset:
+        return val, 0
+    if not val:
+        raise ConfigError("--rung-val-subset needs a val split (data.val)")
+    images = (load_lvis_json if data.kind == "lvis" else load_coco_json)(val)["images"]
+    if len(images) <= val_subset:
+        return val, 0
+    return str(write_subset(val, val_subset, 0, subset_path(val, val_subset, 0, out_dir))), val_subset
 
 
 # keys a rung sets itself: a grid value for them would replace every rung's budget
@@ -69,7 +87,7 @@ RUNG_OWNED_KEYS = ("schedule_scale", "solver.max_iters", "solver.milestones")
 def halving(config: str | Path | None, grid: dict, seeds: int = 3, metric: str = "bbox/AP",
             out_dir: str | Path = "runs/sweep", overrides: Iterable[str] = (), eta: int = 3, rungs: int = 3,
             launcher: str = "local", nproc: int = 1, echo: Callable[[str], None] | None = print,
-            retry_failed: bool = False, **launcher_opts) -> dict:
+            retry_failed: bool = False, val_subset: int = 0, **launcher_opts) -> dict:
     """Successive halving over ``grid``; returns (and writes to ``OUT/halving.json``) the rungs,
     their survivors, the winner with its seeds' summary, and the training time of every run."""
     if launcher not in LAUNCHERS:
@@ -90,14 +108,18 @@ def halving(config: str | Path | None, grid: dict, seeds: int = 3, metric: str =
     )
 
     with run_folder(out_dir, "halving search"):
-        points, record = expand_grid(grid), {"grid": grid, "eta": eta, "budgets": budgets, "metric": metric, "rungs": []}
+        short_val, val_subset = rung_val(base.data, val_subset, out_dir)
+        points, record = expand_grid(grid), {"grid": grid, "eta": eta, "budgets": budgets, "metric": metric,
+                                             "val_subset": val_subset, "rungs": []}
         for r, budget in enumerate(budgets):
             last = r == len(budgets) - 1
             rung_overrides = overrides + [f"schedule_scale={base.schedule_scale * budget!r}"]
             if not last:
                 rung_overrides.append("data.test=")  # a partial budget is never reported, so never tested
+                if val_subset:
+                    rung_overrides.append(f"data.val={short_val}")
             echo(f"== rung {r + 1}/{len(budgets)}: {len(points)} point(s) at {budget:.3g} of the schedule")
-            folder = rung_folder(out_dir, r, budget)
+            folder = rung_folder(out_dir, r, budget, 0 if last else val_subset)
             summary = run_points(config, points, 1, metric, folder, rung_overrides, launcher, nproc,
                                  echo, retry_failed, launcher_opts, info={"rung": r, "budget": budget})
             keep = 1 if last else max(1, len(points) // eta)
