@@ -408,6 +408,14 @@ def test_pretext_curves_plot_every_variant_and_nothing_without_records(tmp_path)
         (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     png = plot_pretext_curves({"A": tmp_path / "a", "B": tmp_path / "b"}, tmp_path / "out" / "curves.png")
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    # a run with transfer probes gets a fourth panel: a wider figure than the three pretext panels
+    with (tmp_path / "a" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"iteration": 0, "probe": "scratch", "probe/bbox/AP_scratch": 0.01}) + "\n")
+        f.write(json.dumps({"iteration": 200, "probe": "iter0000200", "probe/bbox/AP": 0.03}) + "\n")
+    probed = plot_pretext_curves({"A": tmp_path / "a", "B": tmp_path / "b"}, tmp_path / "out" / "probed.png")
+    from PIL import Image
+
+    assert Image.open(probed).size[0] > Image.open(png).size[0]
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "losses": {}}) + "\n")
