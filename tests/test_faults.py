@@ -638,7 +638,9 @@ def test_ctrl_c_outside_training_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "predet", "data", "fashiondet", "--out", str(out), "--size", "small"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: out.exists() or proc.poll() is not None, 120, "the build to start")
+        # the marker is written when rendering starts (the folder itself exists from the CLI's first check)
+        _wait_for(lambda: (out / ".fashiondet-incomplete").exists() or proc.poll() is not None, 120,
+                  "the build to start")
         os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
