@@ -288,3 +288,11 @@ def write_subset(ann_file: str | Path, num_images: int, seed: int, out_path: str
     out = {key: subset.get(key, value) for key, value in data.items()}
     text = json.dumps(out, separators=(",", ":"))
     return atomic_write(out_path, lambda f: f.write(text.encode("utf-8")))
+
+
+def fixed_val_subset(ann_file: str | Path, n: int, out_dir: str | Path) -> Path:
+    """``ann_file`` itself when ``n`` is 0 or it has at most ``n`` images, else its fixed random
+    ``n``-image subset (seed 0) written under ``out_dir``: the same images on every call."""
+    if not n or len(_read_json(ann_file).get("images", [])) <= n:
+        return Path(ann_file)
+    return write_subset(ann_file, n, 0, subset_path(ann_file, n, 0, out_dir))

@@ -35,7 +35,7 @@ from predet.config.base import ConfigError
 from predet.config.finetune import load_finetune_config
 from predet.config.pretrain import ProbeConfig
 from predet.config.schedules import BASE_BATCH, ONE_X_ITERS
-from predet.data.coco_json import subset_path, write_subset
+from predet.data.coco_json import fixed_val_subset
 from predet.engine.metrics import METRICS_FILE, read_metrics
 from predet.engine.processes import die_with_parent, standalone_env
 from predet.errors import InputNotFound
@@ -71,9 +71,7 @@ def probe_val(cfg: ProbeConfig, root: Path) -> Path:
     """The val file a probe is scored on: ``probe.val`` or its fixed ``val_subset``, written under
     ``root`` when the run starts (the same images for every probe; the same bytes for the same
     file and size, and the current ``probe.val`` after a resume that changed it)."""
-    if not cfg.val_subset or len(json.loads(Path(cfg.val).read_text()).get("images", [])) <= cfg.val_subset:
-        return Path(cfg.val)
-    return write_subset(cfg.val, cfg.val_subset, 0, subset_path(cfg.val, cfg.val_subset, 0, root))
+    return fixed_val_subset(cfg.val, cfg.val_subset, root)
 
 
 def probe_command(cfg: ProbeConfig, init: str, run_dir: Path, scale: float, val: Path | None = None) -> list[str]:

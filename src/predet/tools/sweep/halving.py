@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from predet.checkpoint.atomic import atomic_write
 from predet.config import ConfigError
 from predet.config.finetune import load_finetune_config
-from predet.data.coco_json import load_coco_json, load_lvis_json, subset_path, write_subset
+from predet.data.coco_json import fixed_val_subset
 from predet.errors import DataError
 from predet.tools.sweep.grid import expand_grid, run_name
 from predet.tools.sweep.launch import LAUNCHERS
@@ -69,15 +69,12 @@ def rung_folder(out_dir: Path, rung: int, budget: float, val_subset: int = 0) ->
 def rung_val(data, val_subset: int, out_dir: Path) -> tuple[str, int]:
     """The val file the short rungs are scored on and its size (0: all of ``data.val``): a fixed
     subset written under ``out_dir``, the same bytes on every resume."""
-    val = data.val
     if not val_subset:
-        return val, 0
-    if not val:
+        return data.val, 0
+    if not data.val:
         raise ConfigError("--rung-val-subset needs a val split (data.val)")
-    images = (load_lvis_json if data.kind == "lvis" else load_coco_json)(val)["images"]
-    if len(images) <= val_subset:
-        return val, 0
-    return str(write_subset(val, val_subset, 0, subset_path(val, val_subset, 0, out_dir))), val_subset
+    short = fixed_val_subset(data.val, val_subset, out_dir)
+    return str(short), (val_subset if short != Path(data.val) else 0)
 
 
 # keys a rung sets itself: a grid value for them would replace every rung's budget
