@@ -26,3 +26,26 @@ def pretrain_checkpoint(fashiondet_tiny, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("pretrain_run")
     result = pretrain(tiny_pretrain_config(fashiondet_tiny / "weak", run, 3))
     return run / "checkpoints" / "model_final.pth"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A worker process left running fails the session instead of hanging it: Python's exit ends
+    leftover multiprocessing children with SIGTERM and waits for them, and training-loader
+    workers ignore SIGTERM (the CI run that never finished waited on two of them)."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + 15  # workers a loader is shutting down get time to go
+    while (left := multiprocessing.active_children()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"{len(left)} worker process(es) outlived the tests: {left}"
+    if reporter is not None:
+        reporter.write_sep("=", message, red=True)
+    for process in left:
+        os.kill(process.pid, signal.SIGKILL)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -698,8 +699,6 @@ def test_a_stale_lock_taken_over_by_many_at_once_has_one_holder(tmp_path):
 
 def test_a_loader_worker_with_only_an_empty_shard_stops_the_run_with_one_line(weak_set, tmp_path, capsys):
     # it used to drop out of the DataLoader's rotation, so batch order, and resume, hung on timing
-    import tarfile
-
     from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
 
     from predet.cli import main as cli_main
@@ -716,6 +715,34 @@ def test_a_loader_worker_with_only_an_empty_shard_stops_the_run_with_one_line(we
     lines = [line for line in err.splitlines() if ": error: " in line]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert "only empty shards" in lines[0] and "shard-000009.tar" in lines[0], lines[0]
+
+
+def test_a_run_stopped_by_a_loader_worker_leaves_no_worker_behind(weak_set, tmp_path):
+    """The error's traceback holds the loader's iterator in a reference cycle; with the collector
+    off nothing frees it, yet its workers (which ignore SIGTERM) are gone when the call returns,
+    and the interpreter exits (it used to wait on them forever: the CI run that never ended)."""
+    from helpers import CPU_PRETRAIN_CONFIG, tiny_pretrain_overrides
+
+    shards = tmp_path / "shards"
+    write_webdataset_shards(weak_set / "labels.jsonl", shards, shard_size=32)
+    with tarfile.open(shards / "shard-000009.tar", "w"):
+        pass
+    args = ["pretrain", "--config", str(CPU_PRETRAIN_CONFIG), *tiny_pretrain_overrides(
+        weak_set, tmp_path / "run", 4, **{"data.train": shards, "data.vocab": shards / "vocab.json", "train.num_workers": 3})]
+    code = (
+        "import gc, multiprocessing, sys\n"
+        "gc.disable()\n"
+        "from predet.cli import main\n"
+        f"code = main({[str(a) for a in args]!r})\n"
+        "left = multiprocessing.active_children()\n"
+        "print('exit', code, 'left', len(left), flush=True)\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).parent)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit within 120 s: it waits on loader workers that ignore SIGTERM")
+    assert "exit 2 left 0" in done.stdout, (done.stdout, done.stderr[-2000:])
 
 
 class _SignalSelfAt:

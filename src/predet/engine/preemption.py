@@ -5,15 +5,19 @@ The first signal lets the current step finish; the trainer then writes a checkpo
 one a periodic checkpoint would be, so ``train.resume=true`` continues bit-exactly), releases
 the run folder's lock and raises :class:`Preempted`, which the CLI prints as one line. A second
 signal ends the process at once. Training-loader workers ignore both signals (a scheduler may
-signal every process; Ctrl-C reaches the whole group): the trainer ends them through the loader.
+signal every process; Ctrl-C reaches the whole group): the trainer ends them through the loader
+(:func:`end_loader_workers`), and so does an exit-time hook for any loader it could not reach.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import threading
+import weakref
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -76,3 +80,37 @@ def ignore_ctrl_c(worker_id: int | None = None) -> None:
     SIGTERM keeps its effect (how Python ends a loader's workers that outlive it at exit)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler a forked worker inherits
+
+
+# Iterators of training loaders whose workers may still run. Python's exit ends a process's
+# leftover multiprocessing children with SIGTERM and then waits for them; these workers ignore
+# SIGTERM, so one left alive (e.g. held by the traceback of a failed run, a reference cycle the
+# garbage collector has not reached before exit) would make the interpreter wait forever.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def open_training_iter(loader: Iterable) -> Iterator:
+    """``iter(loader)`` for a loader whose workers ignore stop signals; see :func:`end_loader_workers`."""
+    data_iter = iter(loader)
+    try:
+        _LIVE_ITERATORS.add(data_iter)
+    except TypeError:  # not weak-referenceable: a plain iterator, no workers to end
+        pass
+    return data_iter
+
+
+def end_loader_workers(data_iter: Iterator | None) -> None:
+    """End a DataLoader iterator's worker processes now, the way its own ``__del__`` would.
+
+    Called where a run ends (success, error or pre-emption) rather than left to garbage
+    collection: whatever else still refers to the iterator, its workers are gone."""
+    shutdown = getattr(data_iter, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    _LIVE_ITERATORS.discard(data_iter)
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
+def _end_leftover_workers() -> None:
+    for data_iter in list(_LIVE_ITERATORS):
+        end_loader_workers(data_iter)

@@ -72,7 +72,7 @@ from predet.engine.optim import (
     check_solver,
     lr_at,
 )
-from predet.engine.preemption import StopSignals
+from predet.engine.preemption import StopSignals, end_loader_workers, open_training_iter
 from predet.engine.resume import (
     load_resume_checkpoint,
     plain,
@@ -114,11 +114,15 @@ def _next_batch(data_iter: Iterator, make_loader: Callable, iteration: int) -> t
     try:
         return next(data_iter), data_iter
     except StopIteration:
-        data_iter = iter(make_loader(iteration))
-        try:
-            return next(data_iter), data_iter
-        except StopIteration:
+        end_loader_workers(data_iter)
+    fresh = open_training_iter(make_loader(iteration))
+    try:
+        return next(fresh), fresh
+    except BaseException as exc:
+        end_loader_workers(fresh)  # the caller never sees this iterator, so it cannot end it
+        if isinstance(exc, StopIteration):
             raise RuntimeError(f"make_loader({iteration}) yielded no batch") from None
+        raise
 
 
 def _split_outputs(out: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -354,10 +358,12 @@ class Trainer:
         # The loader and before_train hooks may draw random numbers (e.g. DataLoader base seeds);
         # restoring the saved RNG states after them keeps the training streams exact on resume.
         stop = StopSignals().__enter__()  # left in the finally below, or here if the loader fails
+        data_iter = None
         try:
-            data_iter = iter(self.make_loader(self.start_iter))
+            data_iter = open_training_iter(self.make_loader(self.start_iter))
             call_hooks(self.hooks, "before_train", self)
         except BaseException:
+            end_loader_workers(data_iter)
             stop.__exit__(None, None, None)
             raise
         restore_rank_rng(self.rng_states, self.rank, self.world_size)
@@ -385,9 +391,9 @@ class Trainer:
             call_hooks(self.hooks, "after_train", self)
         finally:
             stop.__exit__(None, None, None)
-            # drop the loader here, not when the traceback goes: its workers ignore SIGTERM, so they
-            # must be shut down by the loader itself, not terminated at exit
-            data_iter = None  # noqa: F841
+            # end the workers here, not when the iterator is collected: they ignore SIGTERM, and a
+            # traceback (of this run's error) can keep the iterator alive until after exit's terminate
+            end_loader_workers(data_iter)
             bar.close()
             self.writer.close()
         return result
