@@ -268,6 +268,38 @@ def test_local_jobs_run_side_by_side_with_their_thread_budget(tmp_path, monkeypa
     assert sweep_launch.thread_env(0) is None  # one job, no --threads: the child inherits everything
 
 
+def test_a_stopped_side_by_side_sweep_launches_no_further_run(tmp_path, monkeypatch):
+    """Ctrl-C (here raised by the progress line) stops --jobs 2 at once: the runs not started yet
+    never start, even while the interrupt's traceback (held here, as a caller or a debugger may)
+    keeps the sweep's frames alive. A thread pool used to go on launching the whole grid after
+    the CLI said 'interrupted', and the interpreter did not exit before it was done."""
+    import threading
+    import time as _time
+
+    started, lock = [], threading.Lock()
+
+    def fake_run_command(cmd, log_path, env=None):
+        with lock:
+            started.append(Path(log_path).parent.parent.name)
+        _time.sleep(0.3)
+        run_dir = Path(log_path).parent
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps({"iteration": 1, "val": {"bbox/AP": 0.1}, "test": {}}))
+        return {"returncode": 0, "seconds": 0.3, "error": ""}
+
+    def interrupt(line):
+        if "lr0.01" in line and "done" in line:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_launch, "run_command", fake_run_command)
+    grid = {"lr": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08]}
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        sweep(CPU_FINETUNE_CONFIG, grid, seeds=1, out_dir=tmp_path, echo=interrupt, jobs=2, threads=1)
+    _time.sleep(1.0)  # what a still-running pool would launch meanwhile
+    assert any(entry.frame.code.name == "run_points" for entry in stopped.traceback)
+    assert len(started) <= 4, f"runs launched after the stop: {started}"
+
+
 # ---------------------------------------------------------------- report
 
 

@@ -107,6 +107,19 @@ def wait_submitit(job) -> dict:
         return {"returncode": None, "seconds": None, "error": _tail(f"{type(exc).__name__}: {exc}")}
 
 
+def side_by_side(calls: list, jobs: int):
+    """The results of ``calls``, in order, ``jobs`` of them running at once. Closing the
+    generator (the sweep stopped: Ctrl-C, an error) starts no further call; those running end
+    on their own (a Ctrl-C reaches their processes too)."""
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = [pool.submit(call) for call in calls]
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def launch_all(pending: list[dict], config, overrides: list[str], launcher: str, nproc: int,
                 out_dir: Path, echo, opts: dict):
     """The launcher outcomes of ``pending``, in order, each as soon as it is known."""
@@ -117,10 +130,7 @@ def launch_all(pending: list[dict], config, overrides: list[str], launcher: str,
         jobs, threads = int(opts.get("jobs", 1)), int(opts.get("threads", 0))
         if jobs > 1:
             threads = threads or max(1, (os.cpu_count() or jobs) // jobs)
-            pool = ThreadPoolExecutor(max_workers=jobs)
-            outcomes = pool.map(lambda r: launch_local(config, args(r), r["run_dir"], threads), pending)
-            pool.shutdown(wait=False)  # map() already queued every run; results arrive in order
-            return outcomes
+            return side_by_side([lambda r=r: launch_local(config, args(r), r["run_dir"], threads) for r in pending], jobs)
         return (launch_local(config, args(r), r["run_dir"], threads) for r in pending)
     if launcher == "torchrun":
         return (launch_torchrun(config, args(r), r["run_dir"], nproc) for r in pending)

@@ -218,10 +218,13 @@ def run_points(config, points: list[dict], seeds: int, metric: str, out_dir: Pat
 
     pending = [r for r in rows if not r["skipped"]]
     outcomes = launch_all(pending, config, overrides, launcher, nproc, out_dir, echo, launcher_opts)
-    for row, outcome in zip(pending, outcomes):
-        _finish_row(row, outcome)
-        echo(_progress_line(position[id(row)], len(rows), row, metric))
-        write_summary(out_dir, info, rows, metric, summary_name)
+    try:
+        for row, outcome in zip(pending, outcomes):
+            _finish_row(row, outcome)
+            echo(_progress_line(position[id(row)], len(rows), row, metric))
+            write_summary(out_dir, info, rows, metric, summary_name)
+    finally:  # stopped early (Ctrl-C, an error): launch nothing more
+        getattr(outcomes, "close", lambda: None)()
 
     summary = write_summary(out_dir, info, rows, metric, summary_name)
     for line in _closing_lines(summary, metric, summary_name):
