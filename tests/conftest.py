@@ -49,3 +49,12 @@ def pytest_sessionfinish(session, exitstatus):
     for process in left:
         os.kill(process.pid, signal.SIGKILL)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config):
+    """Anything else that keeps the interpreter from exiting (a non-daemon thread, a child it
+    waits on) prints every thread's stack and fails the run after two minutes, instead of
+    holding CI until its own time-out with nothing to show."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)
