@@ -61,7 +61,8 @@ def main(argv=None) -> dict:
     hit = box_iou(b2, out["top_box"].reshape(-1, 4)).diag() >= 0.5
     side = ((b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])).sqrt()
     result = {"checkpoint": args.checkpoint, "config": "saved in the checkpoint" if saved else args.config,
-              "anchor_sizes": list(cfg.model.anchor_sizes), "queries": len(b2),
+              "anchor_sizes": list(cfg.model.anchor_sizes), "crpn_p2_small_anchor": cfg.model.crpn_p2_small_anchor,
+              "queries": len(b2),
               "recall@0.5": hit.float().mean().item(), "reachable_by_an_anchor": reachable.float().mean().item(),
               "recall_on_reachable": hit[reachable].float().mean().item(), "by_query_side_px": {}}
     for lo, hi in SIDES:

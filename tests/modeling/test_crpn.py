@@ -282,3 +282,87 @@ def test_iou_aware_scores_aim_positive_anchors_at_their_regressed_boxes_iou():
     assert (target[~on_pos] == 0).all() and (target[on_pos] > 0).all() and (target[on_pos] < 1).all()
     torch.testing.assert_close(aware["loss_crpn_reg"], plain["loss_crpn_reg"])
     assert not torch.equal(aware["loss_crpn_score"], plain["loss_crpn_score"])
+
+
+# ---------------------------------------------------------------- a second, smaller anchor on P2 only
+
+
+def _p2_small_model(**kw):
+    return tiny_model(anchor_sizes=[16, 32, 64, 128, 256], crpn_p2_small_anchor=8, **kw)
+
+
+def _anchors_and_validity(model, size=64):
+    view = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        _, fpn = model.features(view)
+    return model.anchors(view, fpn), model.anchor_validity(view, fpn), fpn
+
+
+def test_a_p2_small_anchor_adds_its_size_on_p2_and_nothing_elsewhere():
+    plain_anchors, plain_valid, fpn = _anchors_and_validity(tiny_model(anchor_sizes=[16, 32, 64, 128, 256]).eval())
+    anchors, valid, _ = _anchors_and_validity(_p2_small_model().eval())
+    assert plain_valid is None and valid is not None
+    p2 = fpn["0"].shape[-2] * fpn["0"].shape[-1]
+    ratios = 3
+    # P2: the plain anchors and the small ones, position by position; every other level: as before
+    assert int(valid.sum()) == len(plain_anchors) + p2 * ratios
+    real = anchors[valid]
+    torch.testing.assert_close(real[2 * ratios * p2:], plain_anchors[ratios * p2:], rtol=0, atol=0)
+    sides = ((real[: 2 * ratios * p2, 2:] - real[: 2 * ratios * p2, :2]).prod(1)).sqrt().round().unique()
+    assert sides.tolist() == [8.0, 16.0]
+    # what it is for: an 8-px query that no 16-px anchor reaches at IoU 0.5
+    query = torch.tensor([[28.0, 28.0, 36.0, 36.0]])
+    assert box_iou_max(query, plain_anchors) < 0.5 <= box_iou_max(query, real)
+
+
+def box_iou_max(boxes, anchors):
+    from torchvision.ops import box_iou
+
+    return float(box_iou(boxes, anchors).max())
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_the_loaders_p2_small_anchors_and_their_validity_are_the_models(size):
+    from predet.modeling.predet.meta_arch import crpn_target_sampler
+
+    model = _p2_small_model().eval()
+    anchors, valid, _ = _anchors_and_validity(model, size)
+    sampler = crpn_target_sampler(model.cfg, size)
+    assert torch.equal(sampler.anchors(), anchors) and torch.equal(sampler._valid, valid)
+
+
+def test_the_unused_anchor_slots_are_never_trained_nor_proposed(monkeypatch):
+    import predet.modeling.predet.meta_arch as meta_arch
+    from predet.modeling.predet.meta_arch import crpn_target_sampler
+
+    torch.manual_seed(0)
+    model = _p2_small_model()
+    batch = two_view_batch(n=2, size=64, q=4)
+    anchors, valid, _ = _anchors_and_validity(model)
+    b2 = batch["b2"].reshape(-1, 4)
+    labels = anchor_labels(anchors, b2, 0.5, 0.3, valid)
+    assert (labels[:, ~valid] == -1).all() and (labels[:, valid] == 1).any(1).all()
+    pos, neg = crpn_target_sampler(model.cfg, 64)(batch["b2"], [1, 2])
+    assert not ((pos | neg) & ~valid).any() and pos.any(1).all()
+
+    seen = []
+    real_query_proposals = meta_arch.query_proposals
+
+    def spy(crpn, trunk, scores, *args, **kwargs):
+        seen.append(scores.detach().clone())
+        return real_query_proposals(crpn, trunk, scores, *args, **kwargs)
+
+    monkeypatch.setattr(meta_arch, "query_proposals", spy)
+    losses = model(batch)  # the model draws its own sample here: the same rule
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    # the unused slots rank below every real anchor, however the CRPN scores them
+    top = seen[0].topk(model.cfg.pre_nms_top_n, dim=2).indices
+    assert valid[top].all()
+
+
+def test_a_p2_small_anchor_not_below_p2s_own_is_refused():
+    from predet.config import ConfigError
+
+    with pytest.raises(ConfigError, match="crpn_p2_small_anchor=16 must be smaller"):
+        tiny_model(anchor_sizes=[16, 32, 64, 128, 256], crpn_p2_small_anchor=16)

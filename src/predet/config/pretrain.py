@@ -49,7 +49,7 @@ class ViewConfig:
 @checked(backbone=one_of(*BACKBONES), norm=one_of(*NORMS), fpn_channels=above(0), box_head_dim=above(0),
          anchor_sizes=each(POSITIVE, length=5, increasing=True), aspect_ratios=each(POSITIVE), crpn_hidden=above(0),
          crpn_fg_iou=FRACTION, crpn_bg_iou=FRACTION, crpn_anchors_per_query=above(0), crpn_pos_fraction=FRACTION,
-         crpn_init_std=NON_NEGATIVE, pre_nms_top_n=above(0), nms_thresh=FRACTION, post_nms_top_n=above(0),
+         crpn_init_std=NON_NEGATIVE, crpn_p2_small_anchor=NON_NEGATIVE, pre_nms_top_n=above(0), nms_thresh=FRACTION, post_nms_top_n=above(0),
          rois_per_query=above(0), roi_canonical_scale=above(0), roi_pos_fraction=FRACTION, roi_pos_iou=FRACTION,
          proj_dim=above(0), temperature=POSITIVE, head_dtype=one_of("float32", "bfloat16"))
 @dataclass
@@ -67,6 +67,9 @@ class ModelConfig:
     crpn_pos_fraction: float = 0.5
     crpn_init_std: float = 0.001  # std of the weight generators' last layers
     crpn_iou_aware: bool = False  # positive anchors' score target: their regressed box's IoU, not 1
+    # a second, smaller anchor size on P2 only (0: none): small queries an anchor of anchor_sizes[0]
+    # cannot reach at IoU 0.5
+    crpn_p2_small_anchor: int = 0
     pre_nms_top_n: int = 64  # per query
     nms_thresh: float = 0.7
     post_nms_top_n: int = 16  # per query

@@ -93,14 +93,14 @@ def pretext_predictions(model, batch: dict) -> dict:
     fpn1, fpn2 = model.split_views(fpn, n)
     z = model.embed_boxes(fpn1, b1, size)
     trunk, dw, db, scores = model.query_scores(fpn2, z, n)
-    anchors = model.anchors(view2, fpn2)
-    boxes, _ = model.proposals(trunk, dw, db, scores, anchors, size, 1)
+    anchors, real = model.anchors(view2, fpn2), model.anchor_validity(view2, fpn2)
+    boxes, _ = model.proposals(trunk, dw, db, scores, anchors, size, 1, real)
     targets = model.embed_boxes(fpn2, b2, size)
     sim = model.roi_head.similarity(model.roi_head.embed(z), model.roi_head.embed(targets))
     image = torch.arange(n, device=b2.device).repeat_interleave(q)
     flat = b2.reshape(-1, 4)
     positive = (box_iou(flat, flat) >= model.roi_head.pos_iou) & (image[:, None] == image[None, :])
-    return {"top_box": boxes[:, :, 0], "sim": sim, "positive": positive, "anchors": anchors}
+    return {"top_box": boxes[:, :, 0], "sim": sim, "positive": positive, "anchors": anchors if real is None else anchors[real]}
 
 
 def pretext_values(model, batch: dict) -> dict[str, float]:

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import box_iou, clip_boxes_to_image
 
+from predet.config import ConfigError
 from predet.modeling.precision import Float32BoxCoder, autocast_off, wide
 
 
@@ -145,13 +146,41 @@ def sample_by_rank(eligible: torch.Tensor, counts: torch.Tensor, k_max: int,
     return mask
 
 
-def anchor_labels(anchors: torch.Tensor, targets: torch.Tensor, fg_iou: float, bg_iou: float) -> torch.Tensor:
-    """(R, A_total) labels: 1 for IoU >= fg or the best anchor of the row, 0 below bg, -1 between."""
+def crpn_anchor_layout(anchor_sizes, aspect_ratios, p2_small: int = 0):
+    """Anchor sizes per level (P2..P6) and, with a second, smaller size on P2 only, each level's
+    real anchor slots (None without one).
+
+    The CRPN's weights give every level the same number of anchors per position, so the other
+    levels carry the second slot too, as a copy of the first that is never trained nor proposed
+    (slot order is torchvision's: aspect ratio, then size)."""
+    if not p2_small:
+        return tuple((int(s),) for s in anchor_sizes), None
+    if p2_small >= anchor_sizes[0]:
+        raise ConfigError(f"model.crpn_p2_small_anchor={p2_small} must be smaller than P2's own anchor, "
+                          f"model.anchor_sizes[0]={anchor_sizes[0]}")
+    sizes = ((int(anchor_sizes[0]), int(p2_small)),) + tuple((int(s), int(s)) for s in anchor_sizes[1:])
+    copy = torch.tensor([True, False]).repeat(len(aspect_ratios))
+    return sizes, [torch.ones_like(copy)] + [copy] * (len(anchor_sizes) - 1)
+
+
+def anchor_validity(slots, grid_sizes) -> torch.Tensor | None:
+    """(L*A,) True where an anchor is real, for levels of ``grid_sizes`` (H, W); None: all are."""
+    if slots is None:
+        return None
+    return torch.cat([level.repeat(h * w) for level, (h, w) in zip(slots, grid_sizes)])
+
+
+def anchor_labels(anchors: torch.Tensor, targets: torch.Tensor, fg_iou: float, bg_iou: float,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, A_total) labels: 1 for IoU >= fg or the best anchor of the row, 0 below bg, -1 between
+    (and for anchors that are not ``valid``: never sampled)."""
     iou = box_iou(targets, anchors)
+    if valid is not None:
+        iou[:, ~valid] = float("nan")  # neither below bg, above fg nor a row's best: -1
     labels = torch.full_like(iou, -1.0)
     labels[iou < bg_iou] = 0.0
     labels[iou >= fg_iou] = 1.0
-    best = iou.max(dim=1, keepdim=True).values
+    best = (iou if valid is None else iou.nan_to_num(-1.0)).max(dim=1, keepdim=True).values
     labels[(iou == best) & (best > 0)] = 1.0
     return labels
 
@@ -189,12 +218,13 @@ class CRPNTargetSampler:
     sample seeds, so a resumed run draws what the uninterrupted one did. Picklable."""
 
     def __init__(self, view_size: int, anchor_sizes, aspect_ratios, fg_iou: float, bg_iou: float,
-                 per_query: int, pos_fraction: float):
+                 per_query: int, pos_fraction: float, p2_small_anchor: int = 0):
         self.view_size = int(view_size)
         self.anchor_sizes, self.aspect_ratios = list(anchor_sizes), list(aspect_ratios)
+        self.p2_small_anchor = int(p2_small_anchor)
         self.fg_iou, self.bg_iou = fg_iou, bg_iou
         self.per_query, self.pos_fraction = per_query, pos_fraction
-        self._anchors = None
+        self._anchors = self._valid = None
 
     def anchors(self) -> torch.Tensor:
         """The model's anchors for a view (:meth:`predet.modeling.predet.meta_arch.PreDet.anchors`)."""
@@ -203,18 +233,20 @@ class CRPNTargetSampler:
 
             from predet.modeling.precision import Float32AnchorGenerator
 
-            generator = Float32AnchorGenerator(tuple((s,) for s in self.anchor_sizes),
-                                               (tuple(self.aspect_ratios),) * len(self.anchor_sizes))
+            sizes, slots = crpn_anchor_layout(self.anchor_sizes, self.aspect_ratios, self.p2_small_anchor)
+            generator = Float32AnchorGenerator(sizes, (tuple(self.aspect_ratios),) * len(sizes))
             size = (self.view_size, self.view_size)
-            maps = [torch.empty(1, 0, *hw) for hw in fpn_grid_sizes(size, len(self.anchor_sizes))]
+            grid = fpn_grid_sizes(size, len(self.anchor_sizes))
+            maps = [torch.empty(1, 0, *hw) for hw in grid]
             self._anchors = generator(ImageList(torch.empty(1, 3, *size), [size]), maps)[0]
+            self._valid = anchor_validity(slots, grid)
         return self._anchors
 
     def __call__(self, b2: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
         """``b2`` (N, Q, 4) and the N samples' seeds -> positive and negative masks (N*Q, anchors)."""
         from predet.data.samplers import derive_seed
 
-        labels = anchor_labels(self.anchors(), b2.reshape(-1, 4), self.fg_iou, self.bg_iou)
+        labels = anchor_labels(self.anchors(), b2.reshape(-1, 4), self.fg_iou, self.bg_iou, self._valid)
         generator = torch.Generator().manual_seed(derive_seed("crpn sample", *[int(s) for s in seeds]))
         return sample_anchors(labels, self.per_query, self.pos_fraction, generator)
 
@@ -232,12 +264,13 @@ class CRPNLoss(nn.Module):
         self.iou_aware = iou_aware
         self.box_coder = Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
-    def forward(self, crpn, trunk, scores, delta_w, delta_b, anchors, targets, sample=None):
+    def forward(self, crpn, trunk, scores, delta_w, delta_b, anchors, targets, sample=None, valid=None):
         """``sample``: the (positive, negative) anchor masks the loader drew
-        (:class:`CRPNTargetSampler`), or None to draw them here."""
+        (:class:`CRPNTargetSampler`), or None to draw them here; ``valid``: the real anchors
+        (:func:`anchor_validity`)."""
         n, q, total = scores.shape
         if sample is None:
-            labels = anchor_labels(anchors, targets.reshape(-1, 4), self.fg_iou, self.bg_iou)
+            labels = anchor_labels(anchors, targets.reshape(-1, 4), self.fg_iou, self.bg_iou, valid)
             sample = sample_anchors(labels, self.per_query, self.pos_fraction)
         pos, neg = sample
         if pos.shape != (n * q, total):

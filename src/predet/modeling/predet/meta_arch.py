@@ -21,6 +21,8 @@ from predet.modeling.predet.crpn import (
     CRPNLoss,
     CRPNTargetSampler,
     QueryConditionedRPN,
+    anchor_validity,
+    crpn_anchor_layout,
     query_proposals,
 )
 from predet.modeling.predet.weak_head import WeakLabelHead, weak_label_loss
@@ -32,7 +34,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def crpn_target_sampler(model: ModelConfig, view_size: int) -> CRPNTargetSampler:
     """What a loader needs to draw this model's CRPN anchor sample (CPU runs: pretrain.py)."""
     return CRPNTargetSampler(view_size, model.anchor_sizes, model.aspect_ratios, model.crpn_fg_iou,
-                             model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction)
+                             model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction,
+                             model.crpn_p2_small_anchor)
 
 
 class PreDet(nn.Module):
@@ -42,14 +45,15 @@ class PreDet(nn.Module):
         self.loss_cfg = loss or LossConfig()
         self.backbone = build_backbone(model.backbone, model.norm, model.fpn_channels)
         self.cls_head = WeakLabelHead(self.backbone.in_channels_list[-1], num_classes, self.loss_cfg.cls_head_norm)
-        self.anchor_generator = Float32AnchorGenerator(
-            tuple((s,) for s in model.anchor_sizes), (tuple(model.aspect_ratios),) * len(model.anchor_sizes)
-        )
+        sizes, self._anchor_slots = crpn_anchor_layout(model.anchor_sizes, model.aspect_ratios,
+                                                       model.crpn_p2_small_anchor)
+        self.anchor_generator = Float32AnchorGenerator(sizes, (tuple(model.aspect_ratios),) * len(sizes))
         self.roi_align = SparseMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,
                                                   canonical_scale=model.roi_canonical_scale)
         self.box_head = BoxHead(model.fpn_channels * 7 * 7, model.box_head_dim)
         self.crpn = QueryConditionedRPN(
-            model.fpn_channels, model.box_head_dim, len(model.aspect_ratios), model.crpn_hidden, model.crpn_init_std
+            model.fpn_channels, model.box_head_dim, self.anchor_generator.num_anchors_per_location()[0],
+            model.crpn_hidden, model.crpn_init_std
         )
         self.crpn_loss = CRPNLoss(
             model.crpn_fg_iou, model.crpn_bg_iou, model.crpn_anchors_per_query, model.crpn_pos_fraction,
@@ -96,8 +100,15 @@ class PreDet(nn.Module):
         key = (size, tuple(tuple(f.shape[-2:]) for f in fpn.values()), images.device)
         if key not in self._anchor_cache:  # they depend on the sizes only: one view size, one set
             image_list = ImageList(images[:1], [size])
-            self._anchor_cache = {key: self.anchor_generator(image_list, list(fpn.values()))[0]}
-        return self._anchor_cache[key]
+            valid = anchor_validity(self._anchor_slots, [tuple(f.shape[-2:]) for f in fpn.values()])
+            self._anchor_cache = {key: (self.anchor_generator(image_list, list(fpn.values()))[0],
+                                        None if valid is None else valid.to(images.device))}
+        return self._anchor_cache[key][0]
+
+    def anchor_validity(self, images: torch.Tensor, fpn: dict) -> torch.Tensor | None:
+        """Which of :meth:`anchors` are real (``model.crpn_p2_small_anchor``); None: all of them."""
+        self.anchors(images, fpn)
+        return next(iter(self._anchor_cache.values()))[1]
 
     def embed_boxes(self, fpn: dict, boxes: torch.Tensor, size) -> torch.Tensor:
         """Box-head features of (N, K, 4) boxes, flattened to (N*K, D)."""
@@ -114,8 +125,10 @@ class PreDet(nn.Module):
         sw, sb, dw, db = self.crpn.dynamic_weights(z.view(n, -1, z.shape[-1]))
         return trunk, dw, db, self.crpn.scores(trunk, sw, sb)
 
-    def proposals(self, trunk, dw, db, scores, anchors, size, top_n: int):
+    def proposals(self, trunk, dw, db, scores, anchors, size, top_n: int, valid_anchors=None):
         m = self.cfg
+        if valid_anchors is not None:  # the unused slots of a P2-only anchor size are never proposed
+            scores = scores.masked_fill(~valid_anchors, float("-inf"))
         return query_proposals(self.crpn, trunk, scores, dw, db, anchors, size, m.pre_nms_top_n, m.nms_thresh, top_n)
 
     def forward(self, batch: dict) -> dict:
@@ -138,14 +151,14 @@ class PreDet(nn.Module):
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and lam.lambda_rpn > 0):
             trunk, dw, db, scores = self.query_scores(fpn2, z, n)
-            anchors = self.anchors(view2, fpn2)
+            anchors, real = self.anchors(view2, fpn2), self.anchor_validity(view2, fpn2)
             if lam.lambda_rpn > 0:
                 sample = (batch["crpn_pos"], batch["crpn_neg"]) if "crpn_pos" in batch else None
-                losses = self.crpn_loss(self.crpn, trunk, scores, dw, db, anchors, b2, sample)
+                losses = self.crpn_loss(self.crpn, trunk, scores, dw, db, anchors, b2, sample, real)
                 out.update({k: lam.lambda_rpn * v for k, v in losses.items()})
         if lam.lambda_roi > 0:
             m = self.cfg
-            proposals, valid = self.proposals(trunk, dw, db, scores, anchors, size, m.post_nms_top_n)
+            proposals, valid = self.proposals(trunk, dw, db, scores, anchors, size, m.post_nms_top_n, real)
             rois, roi_image = sample_query_rois(proposals, valid, b2, m.rois_per_query, m.roi_pos_fraction, m.roi_pos_iou)
             # RoIs come grouped by image, the order MultiScaleRoIAlign concatenates them in.
             roi_boxes = [rois[roi_image == i] for i in range(n)]
