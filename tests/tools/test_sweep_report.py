@@ -453,3 +453,41 @@ def test_pretext_curves_plot_every_variant_and_nothing_without_records(tmp_path)
     (empty / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "losses": {}}) + "\n")
     assert plot_pretext_curves({"E": empty, "missing": tmp_path / "nope"}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_ctrl_c_lets_a_sequential_sweeps_run_write_its_checkpoint(tmp_path):
+    """One run at a time: Ctrl-C reaches the sweep and its run alike; the run needs a moment to
+    finish its step and write its checkpoint, and gets it (subprocess.call killed it after 0.25 s,
+    so the interrupted run resumed from its last periodic checkpoint instead)."""
+    import signal
+    import subprocess as sp
+    import textwrap
+
+    run = textwrap.dedent(f"""
+        import signal, sys, time
+        def stop(*_):
+            time.sleep(1.0)  # the step, then the checkpoint
+            open({str(tmp_path / "checkpoint")!r}, "w").write("saved")
+            sys.exit(130)
+        signal.signal(signal.SIGINT, stop)
+        print("running", flush=True)
+        time.sleep(60)
+    """)
+    sweep_process = textwrap.dedent(f"""
+        import os, signal, sys, threading, time
+        from predet.tools.sweep.launch import run_command
+        def ctrl_c():  # what a terminal does: SIGINT to the whole foreground process group
+            log = {str(tmp_path / "log.txt")!r}
+            while not (os.path.exists(log) and "running" in open(log).read()):
+                time.sleep(0.05)
+            os.killpg(os.getpgid(0), signal.SIGINT)
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        try:
+            run_command([sys.executable, "-c", {run!r}], {str(tmp_path / "log.txt")!r})
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """)
+    done = sp.run([sys.executable, "-c", sweep_process], capture_output=True, text=True, timeout=120,
+                  start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "interrupted" in done.stdout, done.stderr[-2000:]
+    assert (tmp_path / "checkpoint").read_text() == "saved", "the run was killed before its checkpoint"

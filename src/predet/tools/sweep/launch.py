@@ -41,6 +41,26 @@ def _tail(text: str, lines: int = ERROR_TAIL_LINES) -> str:
     return "\n".join([line for line in kept if line.strip()][-lines:])
 
 
+INTERRUPT_GRACE_SECONDS = 300  # a step and a checkpoint write of a large model, with room
+
+
+def wait_through_ctrl_c(process: subprocess.Popen) -> int:
+    """The run's exit code. On Ctrl-C, which reached the run too (one process group), the run
+    gets time to finish its step and write its checkpoint before the interrupt goes on
+    (``subprocess.call`` would kill it after a quarter of a second); a second Ctrl-C kills it."""
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        try:
+            process.wait(timeout=INTERRUPT_GRACE_SECONDS)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            pass
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        raise
+
+
 def run_command(cmd: list[str], log_path: str | Path, env: dict | None = None) -> dict:
     """Run one process with stdout+stderr appended to ``log_path``; never raises for its failure.
 
@@ -55,11 +75,13 @@ def run_command(cmd: list[str], log_path: str | Path, env: dict | None = None) -
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
         try:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=die_with_parent if sys.platform == "linux" else None)
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       preexec_fn=die_with_parent if sys.platform == "linux" else None)
         except OSError as exc:  # the executable itself is missing
             log.write(f"{exc}\n".encode())
             code = 127
+        else:
+            code = wait_through_ctrl_c(process)
     seconds = time.time() - start
     error = ""
     if code != 0:
