@@ -52,9 +52,12 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_unconfigure(config):
-    """Anything else that keeps the interpreter from exiting (a non-daemon thread, a child it
-    waits on) prints every thread's stack and fails the run after two minutes, instead of
-    holding CI until its own time-out with nothing to show."""
+    """In CI, anything else that keeps the interpreter from exiting (a non-daemon thread, a child
+    it waits on) prints every thread's stack and fails the run after two minutes, instead of
+    holding CI until its own time-out with nothing to show. (Not elsewhere: an in-process
+    ``pytest.main()`` would be ended two minutes later.)"""
     import faulthandler
+    import os
 
-    faulthandler.dump_traceback_later(120, exit=True)
+    if os.environ.get("CI"):
+        faulthandler.dump_traceback_later(120, exit=True)

@@ -55,3 +55,52 @@ def test_without_the_exit_hook_such_a_process_hangs():
     except subprocess.TimeoutExpired:
         return
     pytest.fail("an iterator not known to the exit hook was still ended: the control no longer shows the hang")
+
+
+class _SlowAfterFirst:
+    """Item 0 at once, every later item after a long read: a worker busy prefetching."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import time
+
+        if i:
+            time.sleep(60)
+        return i
+
+
+def test_a_worker_still_reading_is_ended_too():
+    """The loader gives a worker a few seconds to stop, then sends the SIGTERM these workers
+    ignore: one still in a slow read must not outlive end_loader_workers."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from predet.engine.preemption import end_loader_workers, ignore_stop_signals, open_training_iter
+
+    loader = DataLoader(_SlowAfterFirst(), batch_size=1, num_workers=1, worker_init_fn=ignore_stop_signals)
+    data_iter = open_training_iter(loader)
+    assert next(data_iter).tolist() == [0]
+    start = time.monotonic()
+    end_loader_workers(data_iter)
+    assert not any(w.is_alive() for w in data_iter._workers)
+    assert time.monotonic() - start < 30
+
+
+def test_a_loader_with_persistent_workers_goes_on_into_its_next_epoch(tmp_path):
+    """The trainer restarts an exhausted loader with iter() again; persistent workers are reused
+    then, so the trainer must not have ended them."""
+    from toy_training import make_batch, new_model, solver_cfg, train_cfg
+    from torch.utils.data import DataLoader
+
+    from predet.engine.preemption import ignore_stop_signals
+    from predet.engine.trainer import train
+
+    batches = [make_batch(i) for i in range(4)]
+    loader = DataLoader(batches, batch_size=None, num_workers=1, persistent_workers=True,
+                        worker_init_fn=ignore_stop_signals)
+    result = train(new_model(), lambda start: loader, solver_cfg(max_iters=10, milestones=[6, 8]),
+                   train_cfg(tmp_path))
+    assert result.iteration == 10

@@ -366,3 +366,24 @@ def test_a_p2_small_anchor_not_below_p2s_own_is_refused():
 
     with pytest.raises(ConfigError, match="crpn_p2_small_anchor=16 must be smaller"):
         tiny_model(anchor_sizes=[16, 32, 64, 128, 256], crpn_p2_small_anchor=16)
+
+
+def test_no_unused_slot_is_proposed_even_when_fewer_real_anchors_than_the_proposal_budget(monkeypatch):
+    import predet.modeling.predet.meta_arch as meta_arch
+
+    torch.manual_seed(0)
+    model = _p2_small_model(pre_nms_top_n=100_000)  # more than the real anchors of a 64-px view
+    batch = two_view_batch(n=2, size=64, q=4)
+    _, valid, _ = _anchors_and_validity(model)
+    seen = []
+    real_query_proposals = meta_arch.query_proposals
+
+    def spy(crpn, trunk, scores, dw, db, anchors, size, pre_nms_top_n, *args):
+        seen.append((scores.detach().clone(), pre_nms_top_n))
+        return real_query_proposals(crpn, trunk, scores, dw, db, anchors, size, pre_nms_top_n, *args)
+
+    monkeypatch.setattr(meta_arch, "query_proposals", spy)
+    model(batch)
+    scores, k = seen[0]
+    assert k == int(valid.sum())
+    assert valid[scores.topk(k, dim=2).indices].all()

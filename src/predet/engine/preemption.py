@@ -107,6 +107,12 @@ def end_loader_workers(data_iter: Iterator | None) -> None:
     shutdown = getattr(data_iter, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+    # the loader joins each worker for a few seconds, then "terminates" it with the SIGTERM these
+    # ignore: one still busy (a slow read) is ended here instead
+    for worker in getattr(data_iter, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
     _LIVE_ITERATORS.discard(data_iter)
 
 

@@ -113,8 +113,8 @@ def _next_batch(data_iter: Iterator, make_loader: Callable, iteration: int) -> t
     """Next batch; an exhausted (epoch-style) loader is restarted at the current iteration."""
     try:
         return next(data_iter), data_iter
-    except StopIteration:
-        end_loader_workers(data_iter)
+    except StopIteration:  # the loader ends its own workers here (persistent ones are reused)
+        pass
     fresh = open_training_iter(make_loader(iteration))
     try:
         return next(fresh), fresh

@@ -127,9 +127,11 @@ class PreDet(nn.Module):
 
     def proposals(self, trunk, dw, db, scores, anchors, size, top_n: int, valid_anchors=None):
         m = self.cfg
+        pre_nms_top_n = m.pre_nms_top_n
         if valid_anchors is not None:  # the unused slots of a P2-only anchor size are never proposed
             scores = scores.masked_fill(~valid_anchors, float("-inf"))
-        return query_proposals(self.crpn, trunk, scores, dw, db, anchors, size, m.pre_nms_top_n, m.nms_thresh, top_n)
+            pre_nms_top_n = min(pre_nms_top_n, int(valid_anchors.sum()))  # not even on tiny views
+        return query_proposals(self.crpn, trunk, scores, dw, db, anchors, size, pre_nms_top_n, m.nms_thresh, top_n)
 
     def forward(self, batch: dict) -> dict:
         lam = self.loss_cfg

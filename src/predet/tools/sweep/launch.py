@@ -134,8 +134,8 @@ def side_by_side(calls: list, jobs: int):
     generator (the sweep stopped: Ctrl-C, an error) starts no further call; those running end
     on their own (a Ctrl-C reaches their processes too)."""
     pool = ThreadPoolExecutor(max_workers=jobs)
-    futures = [pool.submit(call) for call in calls]
     try:
+        futures = [pool.submit(call) for call in calls]
         for future in futures:
             yield future.result()
     finally:
