@@ -441,11 +441,11 @@ def small_disk(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
     if shutil.which("mount") is None:
-        pytest.skip("no mount command: the full-disk cases need a small tmpfs")
+        pytest.fail("no mount command: the full-disk cases need a small tmpfs (CI runs as root with mount)")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"mounting a small tmpfs is not permitted here ({done.stderr.strip()}); "
+        pytest.fail(f"mounting a small tmpfs is not permitted here ({done.stderr.strip()}); "
                     "the full-disk cases need root or CAP_SYS_ADMIN")
     try:
         yield mnt

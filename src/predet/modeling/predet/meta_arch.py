@@ -93,22 +93,25 @@ class PreDet(nn.Module):
         return (colour_views(batch["view1"], batch.get("colour1")),
                 colour_views(batch["view2"], batch.get("colour2")))
 
+    def _anchor_set(self, images: torch.Tensor, fpn: dict) -> tuple:
+        """(anchors, validity) of one view size, cached: they depend on the sizes only."""
+        size = tuple(images.shape[-2:])
+        grid = [tuple(f.shape[-2:]) for f in fpn.values()]
+        key = (size, tuple(grid), images.device)
+        if key not in self._anchor_cache:  # one view size, one set
+            valid = anchor_validity(self._anchor_slots, grid)
+            self._anchor_cache = {key: (self.anchor_generator(ImageList(images[:1], [size]), list(fpn.values()))[0],
+                                        None if valid is None else valid.to(images.device))}
+        return self._anchor_cache[key]
+
     def anchors(self, images: torch.Tensor, fpn: dict) -> torch.Tensor:
         """Anchors of one view (all views of a batch share a size): (L*A, 4), float32 whatever
         the maps' dtype (modeling/precision.py)."""
-        size = tuple(images.shape[-2:])
-        key = (size, tuple(tuple(f.shape[-2:]) for f in fpn.values()), images.device)
-        if key not in self._anchor_cache:  # they depend on the sizes only: one view size, one set
-            image_list = ImageList(images[:1], [size])
-            valid = anchor_validity(self._anchor_slots, [tuple(f.shape[-2:]) for f in fpn.values()])
-            self._anchor_cache = {key: (self.anchor_generator(image_list, list(fpn.values()))[0],
-                                        None if valid is None else valid.to(images.device))}
-        return self._anchor_cache[key][0]
+        return self._anchor_set(images, fpn)[0]
 
     def anchor_validity(self, images: torch.Tensor, fpn: dict) -> torch.Tensor | None:
         """Which of :meth:`anchors` are real (``model.crpn_p2_small_anchor``); None: all of them."""
-        self.anchors(images, fpn)
-        return next(iter(self._anchor_cache.values()))[1]
+        return self._anchor_set(images, fpn)[1]
 
     def embed_boxes(self, fpn: dict, boxes: torch.Tensor, size) -> torch.Tensor:
         """Box-head features of (N, K, 4) boxes, flattened to (N*K, D)."""
