@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 EXIT_SECONDS = 60  # an interpreter that waits on its workers never exits; one that does takes ~1 s
 
@@ -104,3 +105,23 @@ def test_a_loader_with_persistent_workers_goes_on_into_its_next_epoch(tmp_path):
     result = train(new_model(), lambda start: loader, solver_cfg(max_iters=10, milestones=[6, 8]),
                    train_cfg(tmp_path))
     assert result.iteration == 10
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_final_weights(tmp_path):
+    """Killed between the last checkpoint and model_final.pth: the resume finds the run finished
+    and must still write model_final.pth (it used to return without it)."""
+    from toy_training import make_loader, new_model, solver_cfg, train_cfg
+
+    from predet.checkpoint.io import load_checkpoint
+    from predet.engine.trainer import train
+
+    cfg = train_cfg(tmp_path)
+    train(new_model(), make_loader, solver_cfg(), cfg)
+    final = tmp_path / "run" / "checkpoints" / "model_final.pth"
+    weights = load_checkpoint(final)["model"]
+    final.unlink()
+    from dataclasses import replace
+
+    train(new_model(), make_loader, solver_cfg(), replace(cfg, resume=True))
+    again = load_checkpoint(final)["model"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)

@@ -291,6 +291,9 @@ class Trainer:
         if self.start_iter >= self.max_iters:
             logger.info("run in %s already finished at iteration %d", self.run_dir, self.start_iter)
             final = self.ckpt_dir / "model_final.pth"
+            if not final.is_file() and self.rank == 0:  # killed between its last checkpoint and this file
+                save_checkpoint(final, {"model": self.model.state_dict(), "iteration": self.start_iter,
+                                        "config": self.config_dict, "extra_state": self.extra_state})
             self.finished = TrainResult(self.start_iter, dict(ckpt.get("losses", {})), len(self.ledger.skipped),
                                         self.run_dir, path, dict(ckpt.get("metrics", {})),
                                         final if final.is_file() else None)
